@@ -1,0 +1,24 @@
+// CUDA kernels of the fused LoRA linear family: raw pointers and a stream in, no torch.
+// The GEMMs around them run through cuBLAS from the ATen side (csrc/lora_linear.cpp).
+#pragma once
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#include "../core/dropout.h"
+
+namespace lora_ext {
+namespace cuda {
+
+enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
+
+// out = (base ? base : 0) + mask * scale * src over `numel` contiguous elements.
+cudaError_t launch_dropout_axpy(DType dtype, const void* src, const void* base, void* out,
+                                int64_t numel, const core::DropoutParams& params,
+                                cudaStream_t stream);
+
+// mask[i] = keep(i) for i < numel.
+cudaError_t launch_dropout_mask(bool* mask, int64_t numel, const core::DropoutParams& params,
+                                cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace lora_ext

@@ -1,0 +1,19 @@
+"""lora-ext: fused C++/CUDA LoRA kernels for PyTorch, compatible with PEFT."""
+from pathlib import Path
+
+try:
+    from ._build_info import BUILD_INFO
+except ImportError as _error:  # a source tree that was never built
+    raise ImportError(
+        "lora_ext is not built: run `pip install --no-build-isolation .` in the source tree "
+        "(this compiles lora_ext._C against your torch).") from _error
+
+from ._loader import load_extension
+
+_C = load_extension()
+
+from . import ops  # noqa: E402  (registers fakes and autograd for the ops _C defined)
+
+__version__ = (Path(__file__).parent / "VERSION").read_text().strip()
+
+__all__ = ["BUILD_INFO", "ops", "__version__"]

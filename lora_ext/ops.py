@@ -1,0 +1,166 @@
+"""The Python face of every lora_ext op: typed wrappers, fakes and autograd formulas.
+
+This is the only module that touches torch.ops.lora_ext. Schemas live in
+csrc/registration.cpp; the semantics of each op is the function of the same name in
+lora_ext/reference.py.
+"""
+import math
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.lora_ext
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_dropout(dropout_p) -> float:
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _check_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**64:
+        raise ValueError(f"{name} must fit in 64 bits, got {value}")
+    return value if value < 2**63 else value - 2**64  # the kernels read it as uint64
+
+
+def _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling) -> None:
+    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"lora_linear: {name} must be a Tensor, got {type(t).__name__}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"lora_linear: x has dtype {x.dtype}; expected one of "
+                        f"{', '.join(str(d) for d in _SUPPORTED_DTYPES)}")
+    for name, t in named.items():
+        if t.dtype != x.dtype:
+            raise TypeError(f"lora_linear: {name} has dtype {t.dtype} but x has {x.dtype}; "
+                            "all tensors must share one dtype")
+        if t.device != x.device:
+            raise ValueError(f"lora_linear: {name} is on {t.device} but x is on {x.device}")
+    if weight.dim() != 2:
+        raise ValueError(f"lora_linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"lora_linear: x must have shape [..., {in_features}] to match weight "
+                         f"{tuple(weight.shape)}, got {tuple(x.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features or lora_A.shape[0] < 1:
+        raise ValueError(f"lora_linear: lora_A must have shape [r, {in_features}] with r >= 1, "
+                         f"got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_linear: lora_B must have shape [{out_features}, {r}], "
+                         f"got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"lora_linear: bias must have shape [{out_features}], got {tuple(bias.shape)}")
+    if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"lora_linear: scaling must be a finite float, got {scaling!r}")
+
+
+# ---------------------------------------------------------------- fused LoRA linear
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scaling: float, dropout_p: float = 0.0, seed: int = 0, training: bool = True,
+                offset: int = 0) -> Tensor:
+    """Fused LoRA linear layer.
+
+    Semantics (reference.lora_linear)::
+
+        p = dropout_p if training else 0
+        mask = philox_keep_mask(x.shape, p, seed, offset)    # reference.dropout_mask
+        y = x @ weight.T + bias + scaling * ((x * mask / (1 - p)) @ lora_A.T) @ lora_B.T
+
+    Shapes: x [..., in], weight [out, in], bias [out] or None, lora_A [r, in],
+    lora_B [out, r]. Backward keeps only x and z = drop(x) @ lora_A.T (r columns) and
+    regenerates the mask from (seed, offset).
+    """
+    _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling)
+    p = _check_dropout(dropout_p) if training else 0.0
+    y, _ = _ops.lora_linear_forward(x, weight, bias, lora_A, lora_B, float(scaling), p,
+                                    _check_int("seed", seed), _check_int("offset", offset))
+    return y
+
+
+@torch.library.register_fake("lora_ext::lora_linear_forward")
+def _lora_linear_forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, offset):
+    rows = math.prod(x.shape[:-1])
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    z = x.new_empty((rows, lora_A.shape[0]))
+    return y, z
+
+
+@torch.library.register_fake("lora_ext::lora_linear_backward")
+def _lora_linear_backward_fake(grad_y, x, z, weight, lora_A, lora_B, scaling, dropout_p, seed,
+                               offset, output_mask):
+    def grad_like(t, needed):
+        return t.new_empty(t.shape) if needed else t.new_empty((0,))
+    return (grad_like(x, output_mask[0]), grad_like(lora_A, output_mask[1]),
+            grad_like(lora_B, output_mask[2]))
+
+
+def _lora_linear_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, offset = inputs
+    _, z = output
+    # x and z are the only activations kept. The parameters are referenced, not copied;
+    # their versions are recorded so that an in-place update before backward is caught,
+    # as save_for_backward would.
+    ctx.save_for_backward(x, z)
+    ctx.params = (weight, lora_A, lora_B)
+    ctx.param_versions = None if torch.compiler.is_compiling() else tuple(
+        t._version for t in ctx.params)
+    ctx.scalars = (scaling, dropout_p, seed, offset)
+
+
+def _lora_linear_backward(ctx, grad_y, grad_z):
+    x, z = ctx.saved_tensors
+    weight, lora_A, lora_B = ctx.params
+    if ctx.param_versions is not None:
+        for name, t, version in zip(("weight", "lora_A", "lora_B"), ctx.params, ctx.param_versions):
+            if t._version != version:
+                raise RuntimeError(
+                    f"lora_linear: {name} was modified in place between forward and backward "
+                    f"(version {version} -> {t._version}); gradients would be wrong")
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    grad_x, grad_a, grad_b = _ops.lora_linear_backward(
+        grad_y, x, z, weight, lora_A, lora_B, *ctx.scalars, [need_x, need_a, need_b])
+    grad_w = grad_bias = None
+    if need_w or need_bias:
+        g2d = grad_y.reshape(-1, weight.shape[0])
+        if need_w:
+            grad_w = g2d.T @ x.reshape(-1, weight.shape[1])
+        if need_bias:
+            grad_bias = g2d.sum(0)
+    return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None,
+            grad_b if need_b else None, None, None, None, None)
+
+
+torch.library.register_autograd("lora_ext::lora_linear_forward", _lora_linear_backward,
+                                setup_context=_lora_linear_setup_context)
+
+
+# ---------------------------------------------------------------- dropout mask
+
+
+def dropout_mask(like: Tensor, dropout_p: float, seed: int, offset: int = 0) -> Tensor:
+    """The keep mask lora_linear uses, as a bool tensor of like's shape and device.
+
+    Semantics: reference.dropout_mask (Philox-4x32-10 of (seed, offset, element index)).
+    """
+    if not isinstance(like, Tensor):
+        raise TypeError(f"dropout_mask: like must be a Tensor, got {type(like).__name__}")
+    return _ops.dropout_mask(like, _check_dropout(dropout_p), _check_int("seed", seed),
+                             _check_int("offset", offset))
+
+
+@torch.library.register_fake("lora_ext::dropout_mask")
+def _dropout_mask_fake(like, dropout_p, seed, offset):
+    return like.new_empty(like.shape, dtype=torch.bool)
