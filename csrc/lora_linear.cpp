@@ -29,28 +29,24 @@ cuda::DType cuda_dtype(at::ScalarType type) {
 }
 #endif
 
-// out = (base if defined else 0) + mask * scale * src, all contiguous, one dtype.
-void dropout_axpy(const Tensor& src, const Tensor& base, Tensor& out,
-                  const core::DropoutParams& params) {
-  if (src.is_cuda()) {
+// One Philox pass over contiguous [rows, in] tensors of one dtype (undefined = unused):
+//   dropped = mask * scale * x,   grad *= mask * scale (in place).
+void dropout_apply(const Tensor& x, const Tensor& dropped, const Tensor& grad,
+                   const core::DropoutParams& params) {
+  const Tensor& like = x.defined() ? x : grad;
+  if (like.is_cuda()) {
 #ifdef LORA_EXT_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(src.device());
-    C10_CUDA_CHECK(cuda::launch_dropout_axpy(
-        cuda_dtype(src.scalar_type()), src.const_data_ptr(),
-        base.defined() ? base.const_data_ptr() : nullptr, out.mutable_data_ptr(), src.numel(),
-        params, c10::cuda::getCurrentCUDAStream()));
+    const c10::cuda::CUDAGuard guard(like.device());
+    auto ptr = [](const Tensor& tensor) { return tensor.defined() ? tensor.data_ptr() : nullptr; };
+    C10_CUDA_CHECK(cuda::launch_dropout_apply(cuda_dtype(like.scalar_type()), ptr(x), ptr(dropped),
+                                              ptr(grad), like.numel(), params,
+                                              c10::cuda::getCurrentCUDAStream()));
 #else
     TORCH_CHECK(false, "lora_ext was built without CUDA kernels");
 #endif
   } else {
-    cpu::dropout_axpy(src, base, out, params);
+    cpu::dropout_apply(x, dropped, grad, params);
   }
-}
-
-Tensor dropped(const Tensor& x2d, const core::DropoutParams& params) {
-  Tensor out = at::empty_like(x2d);
-  dropout_axpy(x2d, Tensor(), out, params);
-  return out;
 }
 
 void check_inputs(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
@@ -79,16 +75,22 @@ std::tuple<Tensor, Tensor> lora_linear_forward(const Tensor& x, const Tensor& we
   check_inputs(x, weight, lora_A, lora_B, dropout_p);
   const int64_t in = weight.size(1), out = weight.size(0);
   const Tensor x2d = x.reshape({-1, in});
-  Tensor y = bias.has_value() && bias->defined() ? at::addmm(*bias, x2d, weight.t())
-                                                 : at::mm(x2d, weight.t());
   Tensor z;
   if (dropout_p > 0.0) {
     const auto params = core::make_dropout_params(dropout_p, seed, offset);
-    z = at::mm(dropped(x2d.contiguous(), params), lora_A.t());
+    const Tensor x_contig = x2d.contiguous();
+    const Tensor dropped = at::empty_like(x_contig);
+    dropout_apply(x_contig, dropped, Tensor(), params);
+    z = at::mm(dropped, lora_A.t());
   } else {
     z = at::mm(x2d, lora_A.t());
   }
-  y.addmm_(z, lora_B.t(), /*beta=*/1, /*alpha=*/scaling);
+  // The low-rank term (and bias) first, then the big GEMM accumulates onto it (beta = 1):
+  // one pass over y instead of a second read-modify-write after it.
+  Tensor y = bias.has_value() && bias->defined()
+                 ? at::addmm(*bias, z, lora_B.t(), /*beta=*/1, /*alpha=*/scaling)
+                 : at::mm(z, lora_B.t()).mul_(scaling);
+  y.addmm_(x2d, weight.t());
   std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
   y_shape.back() = out;
   return {y.view(y_shape), z};
@@ -108,24 +110,25 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward(
   Tensor grad_A = at::empty({0}, lora_A.options());
   Tensor grad_B = at::empty({0}, lora_B.options());
   if (need_B) grad_B = at::mm(g2d.t(), z).mul_(scaling);
-  if (need_x || need_A) {
-    const Tensor grad_z = at::mm(g2d, lora_B).mul_(scaling);  // [M, r]
-    if (need_A) {
-      const Tensor x2d = x.reshape({-1, in});
-      grad_A = dropout_p > 0.0 ? at::mm(grad_z.t(), dropped(x2d.contiguous(), params))
-                               : at::mm(grad_z.t(), x2d);
-    }
-    if (need_x) {
-      Tensor gx = at::mm(g2d, weight);
-      if (dropout_p > 0.0) {
-        // The dropout backward is the same mask and scale applied to grad_z @ lora_A.
-        dropout_axpy(at::mm(grad_z, lora_A), gx, gx, params);
-      } else {
-        gx.addmm_(grad_z, lora_A);
-      }
-      grad_x = gx.view(x.sizes());
-    }
+  if (!need_x && !need_A) return {grad_x, grad_A, grad_B};
+
+  const Tensor x2d = x.reshape({-1, in});
+  const Tensor grad_z = at::mm(g2d, lora_B).mul_(scaling);  // [rows, r]
+  // grad_x starts as the low-rank term grad_z @ lora_A; dropout's backward masks it in place
+  // and the big GEMM grad_y @ weight accumulates onto it (beta = 1).
+  if (need_x) grad_x = at::mm(grad_z, lora_A);
+  if (dropout_p == 0.0) {
+    if (need_A) grad_A = at::mm(grad_z.t(), x2d);
+  } else {
+    // One Philox pass regenerates the mask for both uses: drop(x) for grad_A, and the
+    // dropout backward of grad_x's low-rank term.
+    const Tensor x_contig = need_A ? x2d.contiguous() : Tensor();
+    const Tensor dropped = need_A ? at::empty_like(x_contig) : Tensor();
+    dropout_apply(x_contig, dropped, need_x ? grad_x : Tensor(), params);
+    if (need_A) grad_A = at::mm(grad_z.t(), dropped);
   }
+  if (need_x) grad_x.addmm_(g2d, weight);
+  if (need_x) grad_x = grad_x.view(x.sizes());
   return {grad_x, grad_A, grad_B};
 }
 

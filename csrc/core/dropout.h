@@ -44,22 +44,67 @@ LORA_EXT_HD unsigned dropout_keep_bits(uint64_t seed, uint64_t offset, uint32_t 
          (word.v[2] >= threshold ? 4u : 0u) | (word.v[3] >= threshold ? 8u : 0u);
 }
 
-// out[i] = (base ? base[i] : 0) + keep(i) * scale * src[i] over flat indices [begin, end),
-// with the arithmetic in Acc. One definition for the CPU loop and the CUDA kernel.
-// Load/store convert between the storage type T and Acc.
+// The dropout pass of one group of four elements (flat indices 4*group .. 4*group+3, those
+// below numel), fused for the two places it is needed:
+//   dropped[i] = x[i] * m[i]     (drop(x); skipped when dropped is null)
+//   grad[i]   *= m[i]            (dropout backward, in place; skipped when grad is null)
+// with m[i] = keep(i) ? 1 / (1 - p) : 0. Arithmetic in Acc; Load/Store convert from and to
+// the storage type T. One definition for the CPU loops and the CUDA kernel.
 template <typename T, typename Acc, typename Load, typename Store>
-LORA_EXT_HD void dropout_axpy_group(const T* src, const T* base, T* out, uint64_t group,
-                                    int64_t begin, int64_t end, unsigned keep, Acc scale,
-                                    Load load, Store store) {
+LORA_EXT_HD void dropout_apply_group(unsigned keep, uint64_t group, int64_t numel, Acc scale,
+                                     const T* x, T* dropped, T* grad, Load load, Store store) {
   const int64_t first = static_cast<int64_t>(group * 4);
-  for (int lane = 0; lane < 4; ++lane) {
+  for (int lane = 0; lane < 4 && first + lane < numel; ++lane) {
     const int64_t i = first + lane;
-    if (i < begin || i >= end) continue;
-    Acc value = ((keep >> lane) & 1u) ? load(src[i]) * scale : Acc(0);
-    if (base != nullptr) value = load(base[i]) + value;
-    out[i] = store(value);
+    const Acc m = ((keep >> lane) & 1u) ? scale : Acc(0);
+    if (dropped != nullptr) dropped[i] = store(load(x[i]) * m);
+    if (grad != nullptr) grad[i] = store(load(grad[i]) * m);
   }
 }
+
+// Keep bits of kDropoutBatch consecutive groups, written as structure-of-arrays loops so
+// that a host compiler vectorises the 32x32->64 multiplies across groups. Computes exactly
+// dropout_keep_bits(seed, offset, threshold, first_group + j) for every j (tested natively).
+constexpr int kDropoutBatch = 16;
+
+// Forced inlining lets the CPU kernels' per-ISA clones (target_clones) vectorise this body.
+#if defined(__GNUC__)
+#define LORA_EXT_FORCE_INLINE inline __attribute__((always_inline))
+#else
+#define LORA_EXT_FORCE_INLINE inline
+#endif
+
+LORA_EXT_FORCE_INLINE void dropout_keep_bits_batch(uint64_t seed, uint64_t offset, uint32_t threshold,
+                                    uint64_t first_group, unsigned* keep) {
+  uint32_t c0[kDropoutBatch], c1[kDropoutBatch], c2[kDropoutBatch], c3[kDropoutBatch];
+  for (int j = 0; j < kDropoutBatch; ++j) {
+    const uint64_t group = first_group + static_cast<uint64_t>(j);
+    c0[j] = static_cast<uint32_t>(group);
+    c1[j] = static_cast<uint32_t>(group >> 32);
+    c2[j] = static_cast<uint32_t>(offset);
+    c3[j] = static_cast<uint32_t>(offset >> 32);
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    for (int j = 0; j < kDropoutBatch; ++j) {
+      const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0[j];
+      const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2[j];
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[j] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[j] ^ k1;
+      c0[j] = n0;
+      c1[j] = static_cast<uint32_t>(p1);
+      c2[j] = n2;
+      c3[j] = static_cast<uint32_t>(p0);
+    }
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  for (int j = 0; j < kDropoutBatch; ++j) {
+    keep[j] = (c0[j] >= threshold ? 1u : 0u) | (c1[j] >= threshold ? 2u : 0u) |
+              (c2[j] >= threshold ? 4u : 0u) | (c3[j] >= threshold ? 8u : 0u);
+  }
+}
+
 
 }  // namespace core
 }  // namespace lora_ext

@@ -3,59 +3,138 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
+
+#include "../core/philox_avx2.h"
+
 namespace lora_ext {
 namespace cpu {
 namespace {
 
-// Groups of four elements share one Philox call; a chunk of this many groups is the
-// unit of parallel work (big enough to amortise scheduling, small enough to balance).
-constexpr int64_t kGroupsPerTask = 4096;
+// A chunk is the elements of one batch of Philox groups; chunks are the unit of work.
+constexpr int64_t kChunk = 4 * core::kDropoutBatch;
+constexpr int64_t kChunksPerTask = 256;
 
 template <typename T>
 using acc_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
 
+// Multipliers m[e] = keep ? scale : 0 for the elements of chunk `chunk`.
+template <typename Acc>
+LORA_EXT_FORCE_INLINE void chunk_multipliers(const core::DropoutParams& params, int64_t chunk, Acc scale,
+                              Acc* m) {
+  unsigned keep[core::kDropoutBatch];
+  const uint64_t first_group = static_cast<uint64_t>(chunk) * core::kDropoutBatch;
+#ifdef LORA_EXT_HAVE_AVX2_PHILOX
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  if (has_avx2) {
+    for (int j = 0; j < core::kDropoutBatch; j += 8) {
+      core::dropout_keep_bits_x8_avx2(params.seed, params.offset, params.threshold,
+                                      first_group + j, keep + j);
+    }
+  } else {
+    core::dropout_keep_bits_batch(params.seed, params.offset, params.threshold, first_group,
+                                  keep);
+  }
+#else
+  core::dropout_keep_bits_batch(params.seed, params.offset, params.threshold, first_group, keep);
+#endif
+  for (int e = 0; e < kChunk; ++e) {
+    m[e] = ((keep[e / 4] >> (e % 4)) & 1u) ? scale : Acc(0);
+  }
+}
+
+// Same arithmetic as core::dropout_apply_group, over a whole chunk so the loops vectorise.
 template <typename T>
-void dropout_axpy_typed(const T* src, const T* base, T* out, int64_t numel,
-                        const core::DropoutParams& params) {
+LORA_EXT_FORCE_INLINE void dropout_apply_range(const T* x, T* dropped, T* grad, int64_t numel,
+                                               const core::DropoutParams& params, int64_t chunk0,
+                                               int64_t chunk1) {
   using Acc = acc_t<T>;
   const Acc scale = static_cast<Acc>(params.scale);
-  auto load = [](T v) { return static_cast<Acc>(v); };
-  auto store = [](Acc v) { return static_cast<T>(v); };
-  const int64_t groups = (numel + 3) / 4;
-  at::parallel_for(0, groups, kGroupsPerTask, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const unsigned keep = core::dropout_keep_bits(params.seed, params.offset,
-                                                    params.threshold, static_cast<uint64_t>(g));
-      core::dropout_axpy_group(src, base, out, static_cast<uint64_t>(g), 0, numel, keep, scale,
-                               load, store);
+  Acc m[kChunk];
+  for (int64_t chunk = chunk0; chunk < chunk1; ++chunk) {
+    chunk_multipliers(params, chunk, scale, m);
+    const int64_t begin = chunk * kChunk;
+    const int64_t count = std::min<int64_t>(kChunk, numel - begin);
+    if (dropped != nullptr) {
+      const T* xs = x + begin;
+      T* out = dropped + begin;
+      for (int64_t e = 0; e < count; ++e) out[e] = static_cast<T>(static_cast<Acc>(xs[e]) * m[e]);
     }
-  });
+    if (grad != nullptr) {
+      T* g = grad + begin;
+      for (int64_t e = 0; e < count; ++e) g[e] = static_cast<T>(static_cast<Acc>(g[e]) * m[e]);
+    }
+  }
+}
+
+// Wheels target baseline x86-64; these clones let the Philox batch use AVX2/AVX-512 where
+// the machine has them, picked once at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LORA_EXT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LORA_EXT_CPU_CLONES
+#endif
+
+#define LORA_EXT_DEFINE_APPLY(T, NAME)                                                        \
+  LORA_EXT_CPU_CLONES void NAME(const T* x, T* dropped, T* grad, int64_t numel,             \
+                                const core::DropoutParams& params, int64_t c0, int64_t c1) {  \
+    dropout_apply_range<T>(x, dropped, grad, numel, params, c0, c1);                          \
+  }
+LORA_EXT_DEFINE_APPLY(float, apply_f32)
+LORA_EXT_DEFINE_APPLY(double, apply_f64)
+LORA_EXT_DEFINE_APPLY(c10::BFloat16, apply_bf16)
+LORA_EXT_DEFINE_APPLY(c10::Half, apply_f16)
+#undef LORA_EXT_DEFINE_APPLY
+
+template <typename T>
+void apply(const T* x, T* d, T* g, int64_t n, const core::DropoutParams& p, int64_t c0,
+           int64_t c1) {
+  if constexpr (std::is_same_v<T, float>) apply_f32(x, d, g, n, p, c0, c1);
+  else if constexpr (std::is_same_v<T, double>) apply_f64(x, d, g, n, p, c0, c1);
+  else if constexpr (std::is_same_v<T, c10::BFloat16>) apply_bf16(x, d, g, n, p, c0, c1);
+  else apply_f16(x, d, g, n, p, c0, c1);
+}
+
+LORA_EXT_CPU_CLONES void mask_range(bool* out, int64_t numel, const core::DropoutParams& params,
+                                    int64_t chunk0, int64_t chunk1) {
+  float m[kChunk];
+  for (int64_t chunk = chunk0; chunk < chunk1; ++chunk) {
+    chunk_multipliers(params, chunk, 1.0f, m);
+    const int64_t begin = chunk * kChunk;
+    const int64_t count = std::min<int64_t>(kChunk, numel - begin);
+    for (int64_t e = 0; e < count; ++e) out[begin + e] = m[e] != 0.0f;
+  }
+}
+
+template <typename T>
+T* data_or_null(const at::Tensor& tensor) {
+  return tensor.defined() ? tensor.data_ptr<T>() : nullptr;
 }
 
 }  // namespace
 
-void dropout_axpy(const at::Tensor& src, const at::Tensor& base, at::Tensor& out,
-                  const core::DropoutParams& params) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(),
-                                  "lora_ext_dropout_axpy", [&] {
-    dropout_axpy_typed<scalar_t>(src.const_data_ptr<scalar_t>(),
-                                 base.defined() ? base.const_data_ptr<scalar_t>() : nullptr,
-                                 out.mutable_data_ptr<scalar_t>(), src.numel(), params);
+void dropout_apply(const at::Tensor& x, const at::Tensor& dropped, const at::Tensor& grad,
+                   const core::DropoutParams& params) {
+  const at::Tensor& like = x.defined() ? x : grad;
+  const int64_t numel = like.numel();
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(),
+                                  "lora_ext_dropout_apply", [&] {
+    const scalar_t* xs = data_or_null<scalar_t>(x);
+    scalar_t* d = data_or_null<scalar_t>(dropped);
+    scalar_t* g = data_or_null<scalar_t>(grad);
+    at::parallel_for(0, chunks, kChunksPerTask, [&](int64_t c0, int64_t c1) {
+      apply(xs, d, g, numel, params, c0, c1);
+    });
   });
 }
 
 void dropout_mask(at::Tensor& mask, const core::DropoutParams& params) {
-  bool* out = mask.mutable_data_ptr<bool>();
+  bool* out = mask.data_ptr<bool>();
   const int64_t numel = mask.numel();
-  const int64_t groups = (numel + 3) / 4;
-  at::parallel_for(0, groups, kGroupsPerTask, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const unsigned keep = core::dropout_keep_bits(params.seed, params.offset,
-                                                    params.threshold, static_cast<uint64_t>(g));
-      for (int lane = 0; lane < 4 && g * 4 + lane < numel; ++lane) {
-        out[g * 4 + lane] = (keep >> lane) & 1u;
-      }
-    }
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  at::parallel_for(0, chunks, kChunksPerTask, [&](int64_t c0, int64_t c1) {
+    mask_range(out, numel, params, c0, c1);
   });
 }
 

@@ -1,4 +1,4 @@
-// CPU kernels of the fused LoRA linear family (ATen + at::parallel_for).
+// CPU kernels of the fused LoRA linear family (ATen + at::parallel_for over OpenMP).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -7,10 +7,11 @@
 namespace lora_ext {
 namespace cpu {
 
-// out = (base if defined else 0) + mask * scale * src, elementwise over contiguous tensors
-// of one dtype; the mask index is the flat element index.
-void dropout_axpy(const at::Tensor& src, const at::Tensor& base, at::Tensor& out,
-                  const core::DropoutParams& params);
+// One Philox pass over contiguous tensors of one dtype, indexed by flat element index:
+//   dropped = mask * scale * x     when dropped is defined
+//   grad   *= mask * scale         when grad is defined (in place)
+void dropout_apply(const at::Tensor& x, const at::Tensor& dropped, const at::Tensor& grad,
+                   const core::DropoutParams& params);
 
 // Fills a contiguous bool tensor with the keep mask.
 void dropout_mask(at::Tensor& mask, const core::DropoutParams& params);

@@ -38,18 +38,18 @@ struct Convert<__nv_bfloat16> {
 
 // One thread per group of four elements: one Philox call feeds four lanes.
 template <typename T>
-__global__ void dropout_axpy_kernel(const T* __restrict__ src, const T* __restrict__ base,
-                                    T* __restrict__ out, int64_t numel, uint64_t seed,
-                                    uint64_t offset, uint32_t threshold,
-                                    typename Convert<T>::Acc scale) {
+__global__ void dropout_apply_kernel(const T* __restrict__ x, T* __restrict__ dropped,
+                                     T* __restrict__ grad,
+                                     int64_t numel, uint64_t seed, uint64_t offset,
+                                     uint32_t threshold, typename Convert<T>::Acc scale) {
   using Acc = typename Convert<T>::Acc;
   const int64_t groups = (numel + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
        g += stride) {
     const unsigned keep = core::dropout_keep_bits(seed, offset, threshold, g);
-    core::dropout_axpy_group(
-        src, base, out, static_cast<uint64_t>(g), 0, numel, keep, scale,
+    core::dropout_apply_group(
+        keep, static_cast<uint64_t>(g), numel, scale, x, dropped, grad,
         [](T v) { return Convert<T>::load(v); }, [](Acc v) { return Convert<T>::store(v); });
   }
 }
@@ -75,27 +75,27 @@ unsigned grid_for(int64_t numel) {
 }
 
 template <typename T>
-cudaError_t launch_typed(const void* src, const void* base, void* out, int64_t numel,
+cudaError_t launch_typed(const void* x, void* dropped, void* grad, int64_t numel,
                          const core::DropoutParams& params, cudaStream_t stream) {
   using Acc = typename Convert<T>::Acc;
-  dropout_axpy_kernel<T><<<grid_for(numel), kThreads, 0, stream>>>(
-      static_cast<const T*>(src), static_cast<const T*>(base), static_cast<T*>(out), numel,
-      params.seed, params.offset, params.threshold, static_cast<Acc>(params.scale));
+  dropout_apply_kernel<T><<<grid_for(numel), kThreads, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<T*>(dropped), static_cast<T*>(grad), numel, params.seed, params.offset, params.threshold,
+      static_cast<Acc>(params.scale));
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t launch_dropout_axpy(DType dtype, const void* src, const void* base, void* out,
-                                int64_t numel, const core::DropoutParams& params,
-                                cudaStream_t stream) {
+cudaError_t launch_dropout_apply(DType dtype, const void* x, void* dropped, void* grad,
+                                 int64_t numel, const core::DropoutParams& params,
+                                 cudaStream_t stream) {
   if (numel == 0) return cudaSuccess;
   switch (dtype) {
-    case DType::kFloat32: return launch_typed<float>(src, base, out, numel, params, stream);
-    case DType::kFloat64: return launch_typed<double>(src, base, out, numel, params, stream);
-    case DType::kFloat16: return launch_typed<__half>(src, base, out, numel, params, stream);
+    case DType::kFloat32: return launch_typed<float>(x, dropped, grad, numel, params, stream);
+    case DType::kFloat64: return launch_typed<double>(x, dropped, grad, numel, params, stream);
+    case DType::kFloat16: return launch_typed<__half>(x, dropped, grad, numel, params, stream);
     case DType::kBFloat16:
-      return launch_typed<__nv_bfloat16>(src, base, out, numel, params, stream);
+      return launch_typed<__nv_bfloat16>(x, dropped, grad, numel, params, stream);
   }
   return cudaErrorInvalidValue;
 }

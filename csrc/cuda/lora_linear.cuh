@@ -11,10 +11,12 @@ namespace cuda {
 
 enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
-// out = (base ? base : 0) + mask * scale * src over `numel` contiguous elements.
-cudaError_t launch_dropout_axpy(DType dtype, const void* src, const void* base, void* out,
-                                int64_t numel, const core::DropoutParams& params,
-                                cudaStream_t stream);
+// One Philox pass over `numel` contiguous elements (see core::dropout_apply_group):
+//   dropped = mask * scale * x   unless dropped is null
+//   grad   *= mask * scale       unless grad is null (in place)
+cudaError_t launch_dropout_apply(DType dtype, const void* x, void* dropped, void* grad,
+                                 int64_t numel, const core::DropoutParams& params,
+                                 cudaStream_t stream);
 
 // mask[i] = keep(i) for i < numel.
 cudaError_t launch_dropout_mask(bool* mask, int64_t numel, const core::DropoutParams& params,

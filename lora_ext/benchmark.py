@@ -1,0 +1,910 @@
+"""Benchmark harness: `lora-ext bench`, and the pieces benchmarks/ (pytest-benchmark) reuses.
+
+A *family* is a kernel family (only "lora" for now; DoRA, NF4 and BGMV register the same
+way). It provides its cases (size presets), its inputs and its *contestants*: the ways of
+computing the same thing that are timed side by side (the frozen base layer alone, PEFT,
+lora-ext, plain PyTorch). A *case* is one point of the grid: family, dtype, in/out
+features, tokens, rank, dropout.
+
+Timing: every contestant of a case runs on the very same tensors. After a warm-up the
+contestants are interleaved round-robin (rotating the order each repeat), so machine noise
+falls on all of them alike; each sample is one call of the contestant's step (for "lora":
+forward + backward with x requiring grad, W frozen, lora_A/lora_B trainable), timed with
+CUDA events on a GPU and perf_counter on the CPU. Reported: median and IQR of the samples,
+and every sample in the JSON. torch's thread count is left as it is, and recorded.
+
+Public pieces: FAMILIES / register_family / get_family, Case, Contestant, Runner,
+build_runner, run_benchmark, format_table, write_json, write_png, add_arguments, main.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCHEMA_VERSION = 1
+
+# Names accepted on the command line -> torch dtype name used in Case.dtype.
+DTYPE_ALIASES = {
+    "fp32": "float32", "float32": "float32", "float": "float32",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "fp64": "float64", "float64": "float64", "double": "float64",
+}
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+
+# Defaults for repeats/warm-up when not given: (device type, preset) -> count.
+DEFAULT_REPEATS = {("cpu", "quick"): 15, ("cpu", "full"): 9, ("cuda", "quick"): 50, ("cuda", "full"): 50}
+DEFAULT_WARMUP = {"cpu": 3, "cuda": 10}
+
+
+class Unavailable(RuntimeError):
+    """A contestant cannot run here (package missing, no kernel for the device, ...)."""
+
+
+# ---------------------------------------------------------------- cases, contestants, families
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark point. `extra` holds family-specific parameters as (key, value) pairs."""
+    family: str
+    dtype: str            # torch dtype name: "float32", "bfloat16", ...
+    in_features: int
+    out_features: int
+    tokens: int
+    r: int
+    dropout: float
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def id(self) -> str:
+        """Stable, filename- and pytest-friendly id, e.g. lora-bf16-2048x2048-t2048-r16-p0.05."""
+        parts = [self.family, DTYPE_SHORT.get(self.dtype, self.dtype),
+                 f"{self.in_features}x{self.out_features}", f"t{self.tokens}", f"r{self.r}",
+                 f"p{self.dropout:g}"]
+        parts += [f"{k}{v}" for k, v in self.extra]
+        return "-".join(parts)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["extra"] = dict(self.extra)
+        d["id"] = self.id
+        return d
+
+
+@dataclass
+class Runner:
+    """A contestant built for one case on one device.
+
+    step() is what is timed (for "lora": forward + backward); forward() gives the output,
+    used once per case to check that the contestants compute the same thing.
+    """
+    step: Callable[[], Any]
+    forward: Callable[[], torch.Tensor] | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Contestant:
+    name: str           # key in JSON, --contestants and pytest ids
+    label: str          # column header in the table ("ours" for lora_ext)
+    description: str
+    build: Callable[[Case, Any], Runner]          # (case, inputs) -> Runner; may raise Unavailable
+    available: Callable[[torch.device], str | None] = lambda device: None  # reason when not
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    description: str
+    measures: str                                   # what a step is, e.g. "forward+backward"
+    presets: Mapping[str, Mapping[str, Any]]        # "quick"/"full" -> make_cases keyword arguments
+    make_cases: Callable[..., list[Case]]
+    make_inputs: Callable[[Case, torch.device], Any]
+    contestants: tuple[Contestant, ...]
+    default_contestants: tuple[str, ...]
+    baseline: str
+    ours: str
+    ratios: tuple[tuple[str, str, str], ...]        # (column, numerator, denominator)
+    check: Callable[[Case, Any, str, torch.Tensor], float | None] | None = None  # -> rel. error
+    tolerance: Callable[[Case], float] = lambda case: 0.0
+
+    def contestant(self, name: str) -> Contestant:
+        for c in self.contestants:
+            if c.name == name:
+                return c
+        raise KeyError(f"family {self.name!r} has no contestant {name!r}; "
+                       f"choose from {', '.join(c.name for c in self.contestants)}")
+
+    def cases(self, preset: str = "quick", **overrides) -> list[Case]:
+        """The cases of a preset; keyword overrides (None = keep) replace preset fields."""
+        if preset not in self.presets:
+            raise ValueError(f"family {self.name!r} has no preset {preset!r}; "
+                             f"choose from {', '.join(self.presets)}")
+        kwargs = dict(self.presets[preset])
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        return self.make_cases(**kwargs)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown benchmark family {name!r}; choose from {', '.join(FAMILIES)}") from None
+
+
+def build_runner(family: Family, name: str, case: Case, inputs: Any, device: torch.device) -> Runner:
+    """Build one contestant; raises Unavailable with the reason when it cannot run here."""
+    contestant = family.contestant(name)
+    reason = contestant.available(device)
+    if reason:
+        raise Unavailable(reason)
+    return contestant.build(case, inputs)
+
+
+def synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """fn followed by a device synchronize (for timers that read the host clock)."""
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+    return call
+
+
+# ---------------------------------------------------------------- the "lora" family
+
+
+@dataclass
+class LoraInputs:
+    """Shared by every contestant of a case: the same storage, never modified."""
+    x: torch.Tensor        # [tokens, in], requires grad (as inside a transformer)
+    weight: torch.Tensor   # [out, in], frozen
+    lora_A: torch.Tensor   # [r, in] values (contestants wrap them as trainable leaves)
+    lora_B: torch.Tensor   # [out, r]
+    grad_y: torch.Tensor   # [tokens, out]
+    scaling: float
+    dropout: float
+    _ref: dict = field(default_factory=dict)
+
+
+def _as_features(value) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        i, o = value
+        return int(i), int(o)
+    if isinstance(value, str) and "x" in value:
+        i, o = value.lower().split("x")
+        return int(i), int(o)
+    return int(value), int(value)
+
+
+def make_lora_cases(features: Iterable = (1024, 2048), tokens: int | Iterable[int] = 2048,
+                    dtypes: Iterable[str] = ("float32", "bfloat16"), ranks: int | Iterable[int] = 16,
+                    dropouts: float | Iterable[float] = (0.0, 0.05)) -> list[Case]:
+    """Grid of lora cases. features: ints (square in = out), (in, out) pairs or "INxOUT"."""
+    def seq(v):
+        return [v] if isinstance(v, (int, float, str)) else list(v)
+    cases = []
+    for feat in seq(features):
+        in_f, out_f = _as_features(feat)
+        for dtype in seq(dtypes):
+            for t in seq(tokens):
+                for r in seq(ranks):
+                    for p in seq(dropouts):
+                        cases.append(Case("lora", DTYPE_ALIASES.get(dtype, dtype), in_f, out_f,
+                                          int(t), int(r), float(p)))
+    return cases
+
+
+def make_lora_inputs(case: Case, device: torch.device) -> LoraInputs:
+    g = torch.Generator().manual_seed(0)
+    dt = case.torch_dtype
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dt)
+    x = rand(case.tokens, case.in_features).requires_grad_(True)
+    weight = rand(case.out_features, case.in_features, std=case.in_features ** -0.5)
+    lora_A = rand(case.r, case.in_features, std=case.in_features ** -0.5)
+    lora_B = rand(case.out_features, case.r, std=0.1)   # nonzero (PEFT starts at 0), to compare outputs
+    grad_y = rand(case.tokens, case.out_features)
+    # LoraConfig(r, lora_alpha=2r): scaling = lora_alpha / r = 2
+    return LoraInputs(x, weight, lora_A, lora_B, grad_y, scaling=2.0, dropout=case.dropout)
+
+
+def _trainable(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach(), requires_grad=True)   # shares storage with t
+
+
+def _forward_backward(forward: Callable[[], torch.Tensor], wrt: Sequence[torch.Tensor],
+                      grad_y: torch.Tensor) -> Callable[[], Any]:
+    """One training step of the layer: y = forward(); gradients of y w.r.t. wrt (not accumulated)."""
+    wrt = tuple(wrt)
+
+    def step():
+        y = forward()
+        return torch.autograd.grad(y, wrt, grad_y)
+    return step
+
+
+def _build_base(case: Case, inp: LoraInputs) -> Runner:
+    layer = nn.Linear(case.in_features, case.out_features, bias=False, device="meta")
+    layer.weight = nn.Parameter(inp.weight, requires_grad=False)
+    x = inp.x
+
+    def forward():
+        return layer(x)
+    return Runner(_forward_backward(forward, [x], inp.grad_y), forward)
+
+
+def _peft_available(device: torch.device) -> str | None:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return "peft is not installed (pip install peft)"
+    return None
+
+
+class _OneLinear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _build_peft(case: Case, inp: LoraInputs) -> Runner:
+    try:
+        import peft
+        from peft.tuners.lora.layer import Linear as PeftLoraLinear
+    except ImportError as error:
+        raise Unavailable(f"peft is not importable: {error}") from error
+    device = inp.x.device
+    linear = nn.Linear(case.in_features, case.out_features, bias=False, device=device,
+                       dtype=case.torch_dtype)
+    linear.weight = nn.Parameter(inp.weight, requires_grad=False)
+    config = peft.LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout,
+                             target_modules=["proj"], bias="none")
+    # The adapters are held in the case dtype like every other contestant's (PEFT's default
+    # autocast_adapter_dtype=True would keep bf16/fp16 adapters in fp32).
+    model = peft.get_peft_model(_OneLinear(linear), config, autocast_adapter_dtype=False)
+    model.train()
+    layer = model.base_model.model.proj
+    if not isinstance(layer, PeftLoraLinear):
+        raise Unavailable(f"peft did not produce a LoRA Linear layer (got {type(layer).__name__})")
+    layer.base_layer.weight = nn.Parameter(inp.weight, requires_grad=False)
+    layer.lora_A["default"].weight = _trainable(inp.lora_A)
+    layer.lora_B["default"].weight = _trainable(inp.lora_B)
+    if not math.isclose(layer.scaling["default"], inp.scaling):
+        raise Unavailable(f"peft scaling {layer.scaling['default']} != {inp.scaling}")
+    x = inp.x
+
+    def forward():
+        return layer(x)
+    wrt = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    return Runner(_forward_backward(forward, wrt, inp.grad_y), forward,
+                  info={"peft_version": peft.__version__, "layer": type(layer).__module__ + "."
+                        + type(layer).__qualname__})
+
+
+def _lora_ext_available(device: torch.device) -> str | None:
+    if device.type == "cpu":
+        return None
+    key = {"cuda": "CUDA"}.get(device.type, device.type.upper())
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("lora_ext::lora_linear_forward", key):
+        return f"lora_ext was built without {key} kernels (see `lora-ext info`)"
+    return None
+
+
+def _build_lora_ext(case: Case, inp: LoraInputs) -> Runner:
+    from lora_ext.ops import lora_linear
+    x, weight = inp.x, inp.weight
+    A, B = _trainable(inp.lora_A), _trainable(inp.lora_B)
+    seeds = itertools.count(1)
+    scaling, p = inp.scaling, inp.dropout
+
+    def forward():  # a fresh dropout seed per call, as in training
+        return lora_linear(x, weight, None, A, B, scaling, p, next(seeds), training=True)
+    return Runner(_forward_backward(forward, [x, A, B], inp.grad_y), forward)
+
+
+def _build_torch(case: Case, inp: LoraInputs) -> Runner:
+    x, weight = inp.x, inp.weight
+    A, B = _trainable(inp.lora_A), _trainable(inp.lora_B)
+    s, p = inp.scaling, inp.dropout
+
+    def forward():
+        xd = F.dropout(x, p, training=True) if p > 0 else x
+        return F.linear(x, weight) + s * (xd @ A.T) @ B.T
+    return Runner(_forward_backward(forward, [x, A, B], inp.grad_y), forward)
+
+
+def _lora_check(case: Case, inp: LoraInputs, name: str, y: torch.Tensor) -> float | None:
+    """Max relative error of a contestant's output against an fp32 reference; None when the
+    outputs are not comparable (dropout masks differ between contestants)."""
+    with_lora = name != "base"
+    if with_lora and case.dropout > 0:
+        return None
+    if with_lora not in inp._ref:
+        x, w = inp.x.detach().float(), inp.weight.float()
+        ref = x @ w.T
+        if with_lora:
+            ref = ref + inp.scaling * (x @ inp.lora_A.float().T) @ inp.lora_B.float().T
+        inp._ref[with_lora] = ref
+    ref = inp._ref[with_lora]
+    return float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def _lora_tolerance(case: Case) -> float:
+    return {"float64": 1e-10, "float32": 1e-4, "float16": 1e-2}.get(case.dtype, 4e-2)
+
+
+register_family(Family(
+    name="lora",
+    description="LoRA linear y = x W^T + s (dropout(x) A^T) B^T",
+    measures="forward+backward (x requires grad, W frozen, lora_A/lora_B trainable)",
+    presets={
+        "quick": dict(features=(1024, 2048), tokens=2048, dtypes=("float32", "bfloat16"), ranks=16,
+                      dropouts=(0.0, 0.05)),
+        "full": dict(features=(1024, 2048, 4096), tokens=2048, dtypes=("float32", "bfloat16"),
+                     ranks=16, dropouts=(0.0, 0.05)),
+    },
+    make_cases=make_lora_cases,
+    make_inputs=make_lora_inputs,
+    contestants=(
+        Contestant("base", "base", "the frozen nn.Linear alone (no adapter): the floor",
+                   _build_base),
+        Contestant("peft", "peft", "peft.tuners.lora.layer.Linear from peft.get_peft_model, train mode",
+                   _build_peft, _peft_available),
+        Contestant("lora_ext", "ours", "lora_ext.ops.lora_linear (fused, Philox dropout, fresh seed "
+                   "per call)", _build_lora_ext, _lora_ext_available),
+        Contestant("torch", "torch", "plain PyTorch, unfused: F.linear(x,W) + s*(F.dropout(x,p) @ A.T) @ B.T",
+                   _build_torch),
+    ),
+    default_contestants=("base", "peft", "lora_ext", "torch"),
+    baseline="base",
+    ours="lora_ext",
+    ratios=(("ours/base", "lora_ext", "base"), ("peft/base", "peft", "base"),
+            ("peft/ours (speedup)", "peft", "lora_ext")),
+    check=_lora_check,
+    tolerance=_lora_tolerance,
+))
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _time_ms(step: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    step()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def summarize(samples: Sequence[float]) -> dict:
+    """median, IQR (inclusive quartiles), min, mean and every sample, in ms."""
+    s = sorted(samples)
+    if len(s) >= 2:
+        q1, _, q3 = statistics.quantiles(s, n=4, method="inclusive")
+    else:
+        q1 = q3 = s[0]
+    return {"median_ms": statistics.median(s), "iqr_ms": q3 - q1, "q1_ms": q1, "q3_ms": q3,
+            "min_ms": s[0], "max_ms": s[-1], "mean_ms": statistics.fmean(s), "n": len(s),
+            "samples_ms": list(samples)}
+
+
+class _Progress:
+    """tqdm when installed (on stderr), else one plain line per case; or nothing."""
+
+    def __init__(self, total: int, enabled: bool, ncases: int):
+        self.enabled, self.total, self.ncases, self.done, self.case_no = enabled, total, ncases, 0, 0
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=total, unit="call", file=sys.stderr, dynamic_ncols=True,
+                                leave=False)
+            except ImportError:
+                pass
+
+    def case(self, case_id: str):
+        self.case_no += 1
+        if self.bar is not None:
+            self.bar.set_description(f"[{self.case_no}/{self.ncases}] {case_id}")
+        elif self.enabled:
+            pct = 100.0 * self.done / max(self.total, 1)
+            print(f"[{self.case_no}/{self.ncases}] {pct:5.1f}% {case_id}", file=sys.stderr, flush=True)
+
+    def update(self, n: int = 1):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_case(family: Family, case: Case, device: torch.device, names: Sequence[str], repeats: int,
+             warmup: int, progress: _Progress | None = None) -> dict:
+    """Time the named contestants on one case, interleaved round-robin. Returns the case record."""
+    record: dict = {"case": case.as_dict(), "measurements": {}, "skipped": {}, "check": {}, "info": {}}
+    inputs = family.make_inputs(case, device)
+    runners: dict[str, Runner] = {}
+    per_contestant = warmup + repeats
+    for name in names:
+        try:
+            runners[name] = build_runner(family, name, case, inputs, device)
+        except Unavailable as why:
+            record["skipped"][name] = str(why)
+        except Exception as error:  # a broken contestant must not sink the others
+            record["skipped"][name] = f"failed to build: {type(error).__name__}: {error}"
+        if name in record["skipped"] and progress:
+            progress.update(per_contestant)
+
+    # Once per case: do the contestants compute the same function? (also a first warm-up call)
+    for name, runner in list(runners.items()):
+        try:
+            if runner.forward is not None and family.check is not None:
+                with torch.no_grad():
+                    err = family.check(case, inputs, name, runner.forward())
+                if err is not None:
+                    tol = family.tolerance(case)
+                    record["check"][name] = {"max_rel_err": err, "tolerance": tol, "ok": err <= tol}
+            runner.step()
+        except Exception as error:
+            record["skipped"][name] = f"failed to run: {type(error).__name__}: {error}"
+            del runners[name]
+            if progress:
+                progress.update(per_contestant)
+        if runner.info:
+            record["info"][name] = runner.info
+
+    order = list(runners)
+    samples: dict[str, list[float]] = {name: [] for name in order}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for rep in range(per_contestant):
+            k = rep % len(order) if order else 0
+            for name in order[k:] + order[:k]:      # rotate who goes first
+                ms = _time_ms(runners[name].step, device)
+                if rep >= warmup:
+                    samples[name].append(ms)
+                if progress:
+                    progress.update(1)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    for name in order:
+        record["measurements"][name] = summarize(samples[name])
+    record["ratios"] = case_ratios(family, record["measurements"])
+    del runners, inputs
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return record
+
+
+def case_ratios(family: Family, measurements: Mapping[str, Mapping]) -> dict:
+    out = {}
+    for column, num, den in family.ratios:
+        if num in measurements and den in measurements and measurements[den]["median_ms"] > 0:
+            out[column] = measurements[num]["median_ms"] / measurements[den]["median_ms"]
+        else:
+            out[column] = None
+    return out
+
+
+# ---------------------------------------------------------------- environment facts
+
+
+def find_repo_root(start: Path | None = None) -> Path | None:
+    """The lora-ext source checkout containing `start` (default: cwd), or None."""
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "pyproject.toml").is_file() and (d / "lora_ext" / "__init__.py").is_file() \
+                and (d / "benchmarks").is_dir():
+            return d
+    return None
+
+
+def git_commit(package_dir: Path | None = None) -> dict:
+    """Commit of the lora_ext source being benchmarked, when it is a git checkout."""
+    package_dir = package_dir or Path(__file__).resolve().parent
+    info = {"commit": None, "dirty": None}
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=package_dir,
+                             capture_output=True, text=True, timeout=10)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != package_dir.parent:
+            return info
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package_dir, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode == 0:
+            info["commit"] = head.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   cwd=package_dir, capture_output=True, text=True, timeout=10)
+            info["dirty"] = bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    import lora_ext
+    env = {
+        "device": str(device),
+        "device_type": device.type,
+        "device_name": device_name(device),
+        "torch_version": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "lora_ext_version": lora_ext.__version__,
+        "lora_ext_build": dict(lora_ext.BUILD_INFO),
+        "lora_ext_cuda_kernels": torch._C._dispatch_has_kernel_for_dispatch_key(
+            "lora_ext::lora_linear_forward", "CUDA"),
+        "cpu_name": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_start": _loadavg(),
+    }
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        env["peft_version"] = version("peft")
+    except (ImportError, PackageNotFoundError):
+        env["peft_version"] = None
+    git = git_commit()
+    env["git_commit"], env["git_dirty"] = git["commit"], git["dirty"]
+    if device.type == "cuda":
+        env["cuda_matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        env["cuda_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return env
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_benchmark(family: Family | str, cases: Sequence[Case], device: str | torch.device = "cpu",
+                  repeats: int = 15, warmup: int = 3, contestants: Sequence[str] | None = None,
+                  progress: bool = True, config: Mapping | None = None) -> dict:
+    """Run every case; returns the full result document (what write_json writes)."""
+    family = get_family(family) if isinstance(family, str) else family
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    names = list(contestants or family.default_contestants)
+    for name in names:
+        family.contestant(name)          # KeyError on unknown names
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    doc = {
+        "schema": SCHEMA_VERSION,
+        "family": family.name,
+        "measures": family.measures,
+        "environment": environment(device),
+        "config": {"repeats": repeats, "warmup": warmup, "contestants": names,
+                   "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
+                   "order": "round-robin over repeats, rotating first contestant",
+                   **(config or {})},
+        "contestants": {c.name: {"label": c.label, "description": c.description}
+                        for c in family.contestants if c.name in names},
+        "ratios": [{"column": col, "numerator": n, "denominator": d} for col, n, d in family.ratios],
+        "results": [],
+    }
+    bar = _Progress(len(cases) * len(names) * (warmup + repeats), progress, len(cases))
+    try:
+        for case in cases:
+            bar.case(case.id)
+            doc["results"].append(run_case(family, case, device, names, repeats, warmup, bar))
+    finally:
+        bar.close()
+    doc["environment"]["loadavg_end"] = _loadavg()
+    return doc
+
+
+# ---------------------------------------------------------------- output
+
+
+def _fmt_ms(m: Mapping | None) -> str:
+    if not m:
+        return "n/a"
+    med, iqr = m["median_ms"], m["iqr_ms"]
+    digits = 2 if med < 100 else 1
+    return f"{med:.{digits}f} ±{iqr:.{digits}f}"
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.2f}x"
+
+
+def format_table(doc: Mapping) -> str:
+    """The summary table of a result document, as text."""
+    env, cfg = doc["environment"], doc["config"]
+    labels = {name: c["label"] for name, c in doc["contestants"].items()}
+    names = [n for n in cfg["contestants"] if n in labels]
+    ratio_cols = [r["column"] for r in doc["ratios"]]
+    header = ["dtype", "in x out", "tokens", "r", "dropout"] + [f"{labels[n]} ms" for n in names] \
+        + ratio_cols
+    rows = []
+    for res in doc["results"]:
+        c = res["case"]
+        row = [DTYPE_SHORT.get(c["dtype"], c["dtype"]), f"{c['in_features']}x{c['out_features']}",
+               str(c["tokens"]), str(c["r"]), f"{c['dropout']:g}"]
+        row += [_fmt_ms(res["measurements"].get(n)) for n in names]
+        row += [_fmt_ratio(res["ratios"].get(col)) for col in ratio_cols]
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    left = 2   # dtype and shape left-aligned, numbers right-aligned
+
+    def line(cells):
+        return "  ".join(cell.ljust(w) if i < left else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths)))
+    threads = env.get("torch_num_threads")
+    out = [
+        f"lora-ext bench  family={doc['family']}  {doc['measures']}",
+        f"device {env['device']} ({env['device_name']}), torch {env['torch_version']}, "
+        f"lora_ext {env['lora_ext_version']}, {threads} torch threads / {env['cpu_count']} CPUs, "
+        f"commit {(env.get('git_commit') or 'n/a')[:12]}{'+dirty' if env.get('git_dirty') else ''}",
+        f"times: median ±IQR in ms over {cfg['repeats']} repeats (after {cfg['warmup']} warm-up), "
+        "contestants interleaved; ratios are of medians (x/base < 1 is faster than base; "
+        "speedup > 1 means ours is faster)",
+        "",
+        line(header),
+        line(["-" * w for w in widths]),
+        *(line(r) for r in rows),
+        "",
+    ]
+    out += [f"  {labels[n]:>6} = {doc['contestants'][n]['description']}" for n in names]
+    notes = []
+    for res in doc["results"]:
+        for name, why in res.get("skipped", {}).items():
+            notes.append(f"{res['case']['id']}: {name} skipped: {why}")
+        for name, chk in res.get("check", {}).items():
+            if not chk["ok"]:
+                notes.append(f"{res['case']['id']}: {name} output differs from the reference: "
+                             f"max rel. error {chk['max_rel_err']:.3g} > {chk['tolerance']:.3g}")
+    load, ncpu = env.get("loadavg_start"), env.get("cpu_affinity") or env.get("cpu_count")
+    if env.get("device_type") == "cpu" and load and ncpu and load[0] > 0.5 * ncpu:
+        notes.append(f"load average {load[0]:.2f} on {ncpu} CPUs when the run started: other "
+                     "processes compete for the cores, CPU timings are noisy")
+    seen = set()
+    notes = [n for n in notes if not (n in seen or seen.add(n))]
+    if notes:
+        out += ["", "notes:"] + [f"  {n}" for n in notes]
+    return "\n".join(out)
+
+
+def write_json(doc: Mapping, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def _case_label(case: Mapping, varying: set[str]) -> str:
+    parts = [DTYPE_SHORT.get(case["dtype"], case["dtype"]), f"{case['in_features']}x{case['out_features']}"]
+    if "tokens" in varying:
+        parts.append(f"t{case['tokens']}")
+    if "r" in varying:
+        parts.append(f"r{case['r']}")
+    parts.append(f"p{case['dropout']:g}")
+    return " ".join(parts)
+
+
+def write_png(doc: Mapping, path: str | Path) -> Path | None:
+    """Grouped bars of time / base time per case; returns None (writes nothing) without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    base = get_family(doc["family"]).baseline if doc["family"] in FAMILIES else "base"
+    results = doc["results"]
+    names = [n for n in doc["config"]["contestants"] if n != base]
+    labels = {n: c["label"] for n, c in doc["contestants"].items()}
+    varying = {k for k in ("tokens", "r") if len({res["case"][k] for res in results}) > 1}
+    xlabels = [_case_label(res["case"], varying) for res in results]
+    fig = Figure(figsize=(max(6.0, 1.1 * len(results) + 2.0), 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        vals = []
+        for res in results:
+            m, b = res["measurements"].get(name), res["measurements"].get(base)
+            vals.append(m["median_ms"] / b["median_ms"] if m and b and b["median_ms"] > 0 else math.nan)
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(results))]
+        bars = ax.bar(xs, vals, width, label=labels.get(name, name))
+        ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.2f}" for v in vals], fontsize=7,
+                     padding=1)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(results)), xlabels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"time / {labels.get(base, base)} time (lower is better)")
+    env = doc["environment"]
+    ax.set_title(f"{doc['family']}: {doc['measures'].split(' (')[0]} on {env['device_name']} "
+                 f"({env['device']}), torch {env['torch_version']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def default_output_stem(family: str, device: torch.device, when: _dt.datetime | None = None) -> str:
+    when = when or _dt.datetime.now(_dt.timezone.utc)
+    dev = "cpu" if device.type == "cpu" else f"{device.type}-{_slug(device_name(device))}"
+    return f"{family}-{dev}-{when.strftime('%Y%m%dT%H%M%SZ')}"
+
+
+def default_output_dir() -> Path:
+    """benchmarks/results/ of the lora-ext checkout we run from, else the current directory."""
+    root = find_repo_root()
+    return root / "benchmarks" / "results" if root else Path.cwd()
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _csv(kind: Callable[[str], Any]):
+    def parse(text: str):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return parse
+
+
+def _dtype_name(text: str) -> str:
+    key = text.strip().lower()
+    if key not in DTYPE_ALIASES:
+        raise ValueError(f"unknown dtype {text!r}; choose from fp32, bf16, fp16, fp64")
+    return DTYPE_ALIASES[key]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `lora-ext bench`."""
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="device to time on (default: cuda if available, else cpu)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="lora",
+                        help="kernel family to benchmark (default: lora)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                      help="small grid (in/out 1024, 2048), the default")
+    size.add_argument("--full", dest="preset", action="store_const", const="full",
+                      help="full grid (in/out 1024, 2048, 4096)")
+    parser.set_defaults(preset="quick")
+    parser.add_argument("--dtype", action="append", type=_csv(_dtype_name), default=None,
+                        metavar="DTYPE[,DTYPE]",
+                        help="only these dtypes (fp32, bf16, fp16, fp64; repeatable; default: the "
+                             "preset's fp32 and bf16)")
+    parser.add_argument("--features", type=_csv(str), default=None, metavar="N|INxOUT[,...]",
+                        help="override the preset's in/out features, e.g. 4096 or 4096x11008")
+    parser.add_argument("--tokens", type=_csv(int), default=None, metavar="T[,T]",
+                        help="override the preset's tokens per call (default 2048)")
+    parser.add_argument("--rank", type=_csv(int), default=None, metavar="R[,R]",
+                        help="override the preset's LoRA rank (default 16)")
+    parser.add_argument("--dropout", type=_csv(float), default=None, metavar="P[,P]",
+                        help="override the preset's dropout values (default 0,0.05)")
+    parser.add_argument("--contestants", type=_csv(str), default=None, metavar="NAME[,NAME]",
+                        help="contestants to time (lora: base, peft, lora_ext, torch; default all)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per contestant and case (default: cpu 15 quick / 9 full, "
+                             "cuda 50)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls per contestant first (default: cpu 3, cuda 10)")
+    parser.add_argument("--out-json", default=None, metavar="PATH",
+                        help="JSON results path (default: benchmarks/results/ in a checkout, else "
+                             "the current directory; the name holds family, device and date)")
+    parser.add_argument("--out-png", default=None, metavar="PATH",
+                        help="PNG chart path (same default place; skipped without matplotlib)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace, *, cases: Sequence[Case] | None = None) -> int:
+    """`lora-ext bench`. `cases` replaces the preset grid (used by tests for tiny sizes)."""
+    family = get_family(getattr(args, "family", None) or "lora")
+    dev_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev_name == "cuda" and not torch.cuda.is_available():
+        print("lora-ext bench: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    device = torch.device(dev_name)
+    preset = getattr(args, "preset", None) or "quick"
+    if cases is None:
+        dtypes = [d for group in args.dtype for d in group] if args.dtype else None
+        cases = family.cases(preset, features=args.features, tokens=args.tokens, ranks=args.rank,
+                             dropouts=args.dropout, dtypes=dtypes)
+    elif args.dtype:
+        wanted = {d for group in args.dtype for d in group}
+        cases = [c for c in cases if c.dtype in wanted]
+    if not cases:
+        print("lora-ext bench: no cases to run", file=sys.stderr)
+        return 2
+    repeats = args.repeats or DEFAULT_REPEATS.get((device.type, preset), 15)
+    warmup = args.warmup if args.warmup is not None else DEFAULT_WARMUP.get(device.type, 3)
+    try:
+        doc = run_benchmark(family, cases, device, repeats=repeats, warmup=warmup,
+                            contestants=args.contestants, progress=not args.no_progress,
+                            config={"preset": preset, "argv": sys.argv})
+    except (KeyError, ValueError) as error:
+        print(f"lora-ext bench: {error}", file=sys.stderr)
+        return 2
+    print(format_table(doc))
+    stem = default_output_stem(family.name, device)
+    out_dir = default_output_dir()
+    json_path = write_json(doc, args.out_json or out_dir / f"{stem}.json")
+    print(f"\nJSON: {json_path}")
+    png_path = write_png(doc, args.out_png or out_dir / f"{stem}.png")
+    print(f"PNG:  {png_path}" if png_path else "PNG:  skipped (matplotlib is not installed)")
+    return 0
