@@ -51,8 +51,8 @@ DTYPE_ALIASES = {
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
 # Defaults for repeats/warm-up when not given: (device type, preset) -> count.
-DEFAULT_REPEATS = {("cpu", "quick"): 15, ("cpu", "full"): 9, ("cuda", "quick"): 50, ("cuda", "full"): 50}
-DEFAULT_WARMUP = {"cpu": 3, "cuda": 10}
+DEFAULT_REPEATS = {("cpu", "quick"): 12, ("cpu", "full"): 8, ("cuda", "quick"): 50, ("cuda", "full"): 50}
+DEFAULT_WARMUP = {"cpu": 2, "cuda": 10}
 
 
 class Unavailable(RuntimeError):
@@ -860,10 +860,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contestants", type=_csv(str), default=None, metavar="NAME[,NAME]",
                         help="contestants to time (lora: base, peft, lora_ext, torch; default all)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed calls per contestant and case (default: cpu 15 quick / 9 full, "
+                        help="timed calls per contestant and case (default: cpu 12 quick / 8 full, "
                              "cuda 50)")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed calls per contestant first (default: cpu 3, cuda 10)")
+                        help="untimed calls per contestant first (default: cpu 2, cuda 10)")
     parser.add_argument("--out-json", default=None, metavar="PATH",
                         help="JSON results path (default: benchmarks/results/ in a checkout, else "
                              "the current directory; the name holds family, device and date)")
