@@ -36,6 +36,11 @@ def cmd_bench(args) -> int:
     return benchmark.main(args)
 
 
+def argv_command(argv) -> str | None:
+    args = sys.argv[1:] if argv is None else argv
+    return next((a for a in args if not a.startswith("-")), None)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lora-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,9 +48,10 @@ def main(argv=None) -> int:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
     bench = sub.add_parser("bench", help="time lora-ext beside PEFT and plain PyTorch")
-    from . import benchmark
+    if argv_command(argv) == "bench":  # `info` must work even where the harness cannot import
+        from . import benchmark
 
-    benchmark.add_arguments(bench)
+        benchmark.add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     return args.func(args)

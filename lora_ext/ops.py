@@ -84,7 +84,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     regenerates the mask from (seed, offset).
     """
     _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling)
-    p = _check_dropout(dropout_p) if training else 0.0
+    p = _check_dropout(dropout_p)  # checked in eval too: a bad config fails at once
+    if not training:
+        p = 0.0
     y, _ = _ops.lora_linear_forward(x, weight, bias, lora_A, lora_B, float(scaling), p,
                                     _check_int("seed", seed), _check_int("offset", offset))
     return y
@@ -130,6 +132,8 @@ def _lora_linear_backward(ctx, grad_y, grad_z):
                     f"lora_linear: {name} was modified in place between forward and backward "
                     f"(version {version} -> {t._version}); gradients would be wrong")
     need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    if torch.is_grad_enabled():  # create_graph=True: the kernel has no derivative of its own
+        return _lora_linear_backward_differentiable(ctx, grad_y, x, z, weight, lora_A, lora_B)
     grad_x, grad_a, grad_b = _ops.lora_linear_backward(
         grad_y, x, z, weight, lora_A, lora_B, *ctx.scalars, [need_x, need_a, need_b])
     grad_w = grad_bias = None
@@ -141,6 +145,31 @@ def _lora_linear_backward(ctx, grad_y, grad_z):
             grad_bias = g2d.sum(0)
     return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None,
             grad_b if need_b else None, None, None, None, None)
+
+
+def _lora_linear_backward_differentiable(ctx, grad_y, x, z, weight, lora_A, lora_B):
+    """The same gradients as lora_linear_backward, as differentiable PyTorch ops.
+
+    Used only for higher-order derivatives (create_graph=True), where speed matters less
+    than being right; the mask still comes from the Philox kernel.
+    """
+    scaling, dropout_p, seed, offset = ctx.scalars
+    x2d = x.reshape(-1, weight.shape[1])
+    g2d = grad_y.reshape(-1, weight.shape[0])
+    if dropout_p > 0.0:
+        keep = dropout_mask(x2d, dropout_p, seed, offset).to(x.dtype) / (1.0 - dropout_p)
+    else:
+        keep = torch.ones((), dtype=x.dtype, device=x.device)
+    dropped = x2d * keep
+    z = dropped @ lora_A.T  # recomputed so that it is differentiable with respect to x and A
+    grad_z = scaling * (g2d @ lora_B)
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    grad_x = ((g2d @ weight + (grad_z @ lora_A) * keep).reshape(x.shape)) if need_x else None
+    grad_w = g2d.T @ x2d if need_w else None
+    grad_bias = g2d.sum(0) if need_bias else None
+    grad_a = grad_z.T @ dropped if need_a else None
+    grad_b = scaling * (g2d.T @ z) if need_b else None
+    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 torch.library.register_autograd("lora_ext::lora_linear_forward", _lora_linear_backward,

@@ -402,10 +402,6 @@ def test_gradcheck_fp64(dropout_p, bias, x_shape):
     assert torch.autograd.gradcheck(fn, args)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: double backward (create_graph=True) runs "
-                   "lora_linear_backward, which has no autograd formula, and silently returns "
-                   "wrong second derivatives (PyTorch only warns)")
-@pytest.mark.filterwarnings("ignore:.*autograd kernel was not registered")
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_double_backward_is_correct_or_refused(dropout_p):
     inputs = make_lora_inputs((3, 5), 4, 2, dtype=torch.float64)
@@ -483,7 +479,6 @@ def test_bad_input_raises_clear_error(changes, error, pattern):
         ops.lora_linear(**_bad(**changes))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: dropout_p is validated only when training=True")
 def test_bad_dropout_rejected_in_eval_mode_too():
     with pytest.raises(ValueError, match="dropout_p"):
         ops.lora_linear(**_bad(dropout_p=1.5), training=False)

@@ -69,8 +69,6 @@ def test_info_in_process_text(capsys):
     assert rows["gpu_visible"] == str(torch.cuda.is_available())
 
 
-@pytest.mark.xfail(strict=True, reason="bug: cli.main imports lora_ext.benchmark to build the "
-                   "parser, so `lora-ext info` fails whenever the bench harness cannot import")
 def test_info_does_not_need_the_benchmark_harness(monkeypatch, capsys):
     # as if lora_ext/benchmark.py (or a package it needs) failed to import
     monkeypatch.setitem(sys.modules, "lora_ext.benchmark", None)
