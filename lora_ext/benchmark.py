@@ -593,6 +593,27 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+def _cpu_counters() -> tuple[float, float, float] | None:
+    """(machine busy seconds, machine total seconds, this process's CPU seconds), Linux only."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        ticks = [int(v) for v in fields[:8]]
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    idle = ticks[3] + ticks[4]                # idle + iowait
+    t = os.times()
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz, t.user + t.system
+
+
+def other_cpu_share(start, end) -> float | None:
+    """Share of all cores' time that other processes used between two _cpu_counters()."""
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    others = (end[0] - start[0]) - (end[2] - start[2])
+    return round(max(0.0, others) / (end[1] - start[1]), 3)
+
+
 def environment(device: torch.device) -> dict:
     import lora_ext
     env = {
@@ -659,6 +680,7 @@ def run_benchmark(family: Family | str, cases: Sequence[Case], device: str | tor
         "results": [],
     }
     bar = _Progress(len(cases) * len(names) * (warmup + repeats), progress, len(cases))
+    counters = _cpu_counters()
     try:
         for case in cases:
             bar.case(case.id)
@@ -666,6 +688,8 @@ def run_benchmark(family: Family | str, cases: Sequence[Case], device: str | tor
     finally:
         bar.close()
     doc["environment"]["loadavg_end"] = _loadavg()
+    # CPU time of other processes while we ran, as a share of all cores: noise on CPU timings
+    doc["environment"]["other_processes_cpu_share"] = other_cpu_share(counters, _cpu_counters())
     return doc
 
 
@@ -730,10 +754,10 @@ def format_table(doc: Mapping) -> str:
             if not chk["ok"]:
                 notes.append(f"{res['case']['id']}: {name} output differs from the reference: "
                              f"max rel. error {chk['max_rel_err']:.3g} > {chk['tolerance']:.3g}")
-    load, ncpu = env.get("loadavg_start"), env.get("cpu_affinity") or env.get("cpu_count")
-    if env.get("device_type") == "cpu" and load and ncpu and load[0] > 0.5 * ncpu:
-        notes.append(f"load average {load[0]:.2f} on {ncpu} CPUs when the run started: other "
-                     "processes compete for the cores, CPU timings are noisy")
+    share = env.get("other_processes_cpu_share")
+    if env.get("device_type") == "cpu" and share is not None and share > 0.05:
+        notes.append(f"other processes used {100 * share:.0f}% of all CPU time during the run: "
+                     "they compete for the cores, so CPU timings are noisy")
     seen = set()
     notes = [n for n in notes if not (n in seen or seen.add(n))]
     if notes:

@@ -58,7 +58,8 @@ def test_bench_end_to_end_on_cpu(tmp_path, capsys):
     doc = json.loads(json_path.read_text())
     env = doc["environment"]
     for key in ("device", "device_name", "torch_version", "lora_ext_version", "lora_ext_build",
-                "cpu_count", "torch_num_threads", "git_commit", "date_utc"):
+                "cpu_count", "torch_num_threads", "git_commit", "date_utc",
+                "other_processes_cpu_share"):
         assert key in env, key
     assert env["device"] == "cpu" and env["cpu_count"] >= 1 and env["torch_num_threads"] >= 1
     assert env["git_commit"] is None or len(env["git_commit"]) == 40
