@@ -89,7 +89,7 @@ std::tuple<Tensor, Tensor> lora_linear_forward(const Tensor& x, const Tensor& we
   // one pass over y instead of a second read-modify-write after it.
   Tensor y = bias.has_value() && bias->defined()
                  ? at::addmm(*bias, z, lora_B.t(), /*beta=*/1, /*alpha=*/scaling)
-                 : at::mm(z, lora_B.t()).mul_(scaling);
+                 : at::mm(z, lora_B.t() * scaling);  // scale the [out, r] factor, not y
   y.addmm_(x2d, weight.t());
   std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
   y_shape.back() = out;
