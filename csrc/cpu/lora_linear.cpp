@@ -3,6 +3,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
+#include <cstring>
 #include <type_traits>
 
 #include "../core/philox_avx2.h"
@@ -17,6 +19,30 @@ constexpr int64_t kChunksPerTask = 256;
 
 template <typename T>
 using acc_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+
+// Conversions between storage and arithmetic types. The bfloat16 ones are c10's
+// round-to-nearest-even written without branches, so the element loops vectorise.
+template <typename T>
+struct Convert {
+  static acc_t<T> load(T v) { return static_cast<acc_t<T>>(v); }
+  static T store(acc_t<T> v) { return static_cast<T>(v); }
+};
+template <>
+struct Convert<c10::BFloat16> {
+  static float load(c10::BFloat16 v) {
+    const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  static c10::BFloat16 store(float f) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const uint16_t out = std::isnan(f) ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+    return c10::BFloat16(out, c10::BFloat16::from_bits());
+  }
+};
 
 // Multipliers m[e] = keep ? scale : 0 for the elements of chunk `chunk`.
 template <typename Acc>
@@ -58,11 +84,11 @@ LORA_EXT_FORCE_INLINE void dropout_apply_range(const T* x, T* dropped, T* grad, 
     if (dropped != nullptr) {
       const T* xs = x + begin;
       T* out = dropped + begin;
-      for (int64_t e = 0; e < count; ++e) out[e] = static_cast<T>(static_cast<Acc>(xs[e]) * m[e]);
+      for (int64_t e = 0; e < count; ++e) out[e] = Convert<T>::store(Convert<T>::load(xs[e]) * m[e]);
     }
     if (grad != nullptr) {
       T* g = grad + begin;
-      for (int64_t e = 0; e < count; ++e) g[e] = static_cast<T>(static_cast<Acc>(g[e]) * m[e]);
+      for (int64_t e = 0; e < count; ++e) g[e] = Convert<T>::store(Convert<T>::load(g[e]) * m[e]);
     }
   }
 }
