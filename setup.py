@@ -51,14 +51,16 @@ def write_build_info(with_cuda: bool) -> None:
 def extension():
     with_cuda = want_cuda()
     write_build_info(with_cuda)
-    sources = ["csrc/registration.cpp", "csrc/lora_linear.cpp", "csrc/cpu/lora_linear.cpp"]
+    # One orchestration file per family in csrc/, its CPU kernels in csrc/cpu/ and its
+    # CUDA kernels in csrc/cuda/: new families join the build by adding files.
+    sources = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("csrc/*.cpp"), *ROOT.glob("csrc/cpu/*.cpp")])
     cxx_flags = ["-O3", "-fvisibility=hidden"]
     macros = [("Py_LIMITED_API", "0x03090000")]
     if not with_cuda:
         return cpp_extension.CppExtension(
             "lora_ext._C", sources, extra_compile_args={"cxx": cxx_flags},
             define_macros=macros, py_limited_api=True)
-    sources += ["csrc/cuda/lora_linear.cu"]
+    sources += sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("csrc/cuda/*.cu"))
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     return cpp_extension.CUDAExtension(
         "lora_ext._C", sources,

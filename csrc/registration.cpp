@@ -1,6 +1,6 @@
 // The only TORCH_LIBRARY block: every lora_ext schema lives here. Kernels register
 // themselves per device with TORCH_LIBRARY_IMPL next to their orchestration code;
-// fakes and autograd formulas are registered from Python (lora_ext/ops.py).
+// fakes and autograd formulas are registered from Python (lora_ext/ops/).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -4,7 +4,7 @@
 // g = i / 4 and uses lane i % 4 of Philox-4x32-10 with
 //   counter = (lo32(g), hi32(g), lo32(offset), hi32(offset)),  key = (lo32(seed), hi32(seed)).
 // The element is dropped when that 32-bit word is below threshold = floor(p * 2^32),
-// so it is kept with probability 1 - p up to 2^-32. lora_ext/reference.py implements
+// so it is kept with probability 1 - p up to 2^-32. lora_ext/reference/ implements
 // the same function in plain PyTorch; the CPU kernel, the CUDA kernel and the reference
 // agree bit for bit.
 #pragma once

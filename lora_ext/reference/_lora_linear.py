@@ -1,7 +1,6 @@
-"""Pure-PyTorch oracles, one per op, written for clarity rather than speed.
+"""Oracles for the fused LoRA linear and its Philox dropout mask.
 
-They define what the kernels compute: the CPU and CUDA kernels are tested against them,
-and they run on any device. Integers are held in int64 tensors and masked to 32 bits,
+Integers are held in int64 tensors and masked to 32 bits,
 since PyTorch has no full unsigned 32-bit arithmetic.
 """
 import torch

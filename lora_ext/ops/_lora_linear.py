@@ -1,33 +1,14 @@
-"""The Python face of every lora_ext op: typed wrappers, fakes and autograd formulas.
-
-This is the only module that touches torch.ops.lora_ext. Schemas live in
-csrc/registration.cpp; the semantics of each op is the function of the same name in
-lora_ext/reference.py.
-"""
+"""Fused LoRA linear and its dropout mask: wrappers, fakes and autograd."""
 import math
 
 import torch
 from torch import Tensor
 
+from ._common import SUPPORTED_DTYPES as _SUPPORTED_DTYPES
+from ._common import check_dropout as _check_dropout
+from ._common import check_int as _check_int
+
 _ops = torch.ops.lora_ext
-_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-# ---------------------------------------------------------------- validation
-
-
-def _check_dropout(dropout_p) -> float:
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    return float(dropout_p)
-
-
-def _check_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not -(2**63) <= value < 2**64:
-        raise ValueError(f"{name} must fit in 64 bits, got {value}")
-    return value if value < 2**63 else value - 2**64  # the kernels read it as uint64
 
 
 def _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling) -> None:

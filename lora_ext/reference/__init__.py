@@ -1,0 +1,8 @@
+"""Pure-PyTorch oracles, one per op, written for clarity rather than speed.
+
+They define what the kernels compute: the CPU and CUDA kernels are tested against them,
+and they run on any device. One private module per kernel family.
+"""
+from ._lora_linear import dropout_mask, dropout_threshold, lora_dropout, lora_linear, philox4x32_10
+
+__all__ = ["dropout_mask", "dropout_threshold", "lora_dropout", "lora_linear", "philox4x32_10"]
