@@ -70,7 +70,7 @@ def test_info_in_process_text(capsys):
 
 
 def test_info_does_not_need_the_benchmark_harness(monkeypatch, capsys):
-    # as if lora_ext/benchmark.py (or a package it needs) failed to import
+    # as if lora_ext/benchmark/ (or a package it needs) failed to import
     monkeypatch.setitem(sys.modules, "lora_ext.benchmark", None)
     monkeypatch.delattr(lora_ext, "benchmark", raising=False)
     assert cli.main(["info", "--json"]) == 0

@@ -1,0 +1,7 @@
+"""Benchmark harness behind `lora-ext bench` (see _harness for how timing works).
+
+Each kernel family registers itself from its own module in this package (lora.py,
+and one module per further family); importing the package registers all of them.
+"""
+from ._harness import *  # noqa: F401,F403  (the public harness API)
+from . import lora  # noqa: F401,E402  (registers the "lora" family)
