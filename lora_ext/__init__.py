@@ -13,7 +13,19 @@ from ._loader import load_extension
 _C = load_extension()
 
 from . import ops  # noqa: E402  (registers fakes and autograd for the ops _C defined)
+from .config import LoraConfig, PeftType, TaskType  # noqa: E402
+from .peft_model import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,  # noqa: E402
+                         AutoPeftModelForSeq2SeqLM, AutoPeftModelForSequenceClassification,
+                         AutoPeftModelForTokenClassification, PeftModel, PeftModelForCausalLM,
+                         PeftModelForFeatureExtraction, PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM,
+                         PeftModelForSequenceClassification, PeftModelForTokenClassification, get_peft_model)
+from .serialization import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 
 __version__ = (Path(__file__).parent / "VERSION").read_text().strip()
 
-__all__ = ["BUILD_INFO", "ops", "__version__"]
+__all__ = ["BUILD_INFO", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+           "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+           "AutoPeftModelForTokenClassification", "LoraConfig", "PeftModel", "PeftModelForCausalLM",
+           "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
+           "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
+           "get_peft_model", "get_peft_model_state_dict", "ops", "set_peft_model_state_dict", "__version__"]

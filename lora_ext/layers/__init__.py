@@ -1,0 +1,8 @@
+"""LoRA modules. They call lora_ext.ops for their arithmetic and never torch.ops directly."""
+from .base import LoraLayer
+from .conv import Conv2d
+from .embedding import Embedding
+from .linear import Linear
+from .modules_to_save import ModulesToSaveWrapper
+
+__all__ = ["Conv2d", "Embedding", "Linear", "LoraLayer", "ModulesToSaveWrapper"]

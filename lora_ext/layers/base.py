@@ -1,0 +1,194 @@
+"""What every LoRA layer shares: adapters by name, scaling, merge/unmerge, activation.
+
+The attribute names (base_layer, lora_A, lora_B, lora_embedding_A/B, lora_dropout,
+scaling, r, lora_alpha, merged_adapters) are PEFT's, so a model's state_dict keys are
+the keys PEFT gives the same model, and adapters move between the two unchanged.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from .. import init as lora_init
+
+
+class LoraLayer:
+    """Mixin for a module that wraps `base_layer` and adds named LoRA adapters."""
+
+    # attribute names that hold adapter parameters (state_dict keys contain them)
+    adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                                            "lora_magnitude_vector")
+
+    def _init_lora_state(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self._active_adapter: list[str] = []
+
+    # ---------------------------------------------------------------- adapter bookkeeping
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def _adapter_modules(self):
+        return [getattr(self, name) for name in self.adapter_layer_names]
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Activate these adapters; only active adapters are trainable (as in PEFT)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for container in self._adapter_modules():
+            for key, item in container.items():
+                item.requires_grad_(key in names)
+        self._active_adapter = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self._disable_adapters = False
+        else:
+            for container in self._adapter_modules():
+                for item in container.values():
+                    item.requires_grad_(False)
+            self._disable_adapters = True
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into this layer; unmerge it before deleting it")
+        for container in [*self._adapter_modules(), self.lora_dropout]:
+            if adapter_name in container:
+                del container[adapter_name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.use_dora):
+            table.pop(adapter_name, None)
+        if adapter_name in self._active_adapter:
+            remaining = [n for n in self._active_adapter if n != adapter_name]
+            if not remaining and self.r:
+                remaining = [next(iter(self.r))]
+            self._active_adapter = remaining
+
+    def _set_scaling(self, adapter_name: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Multiply the adapter's alpha/r scaling by `scale` (PEFT's set_scale)."""
+        if adapter in self.scaling:
+            self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
+
+    def _move_adapter_to_base(self, adapter_name: str) -> None:
+        """Adapter parameters follow the base weight's device and (floating) dtype."""
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else None
+        for container in self._adapter_modules():
+            if adapter_name in container:
+                item = container[adapter_name]
+                if isinstance(item, nn.Parameter):
+                    container[adapter_name] = nn.Parameter(item.data.to(weight.device, dtype))
+                else:
+                    item.to(weight.device, dtype)
+
+    def _dropout_module(self, p: float) -> nn.Module:
+        return nn.Dropout(p=p) if p > 0.0 else nn.Identity()
+
+    def _initialise(self, adapter_name: str, init_lora_weights, layer_kind: str) -> None:
+        """Initialise A and B (and, for PiSSA/OLoRA, rewrite the base weight) as PEFT does."""
+        if layer_kind == "embedding":
+            lora_A, lora_B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        else:
+            lora_A, lora_B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        new_base = lora_init.init_lora_weights(
+            lora_A, lora_B, init_lora_weights, base_weight=self.base_layer.weight, r=self.r[adapter_name],
+            scaling=self.scaling[adapter_name], fan_in_fan_out=getattr(self, "fan_in_fan_out", False),
+            layer_kind=layer_kind)
+        if new_base is not None:
+            self.base_layer.weight.data = new_base
+
+    # ---------------------------------------------------------------- merging
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = [n for n in names if n in self.r]
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            warnings.warn(f"already merged adapters {already} are skipped; merged: {self.merged_adapters}")
+        return [n for n in names if n not in self.merged_adapters]
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the adapters' delta weights into the base weight.
+
+        safe_merge computes the merged weight on a copy first and raises ValueError,
+        leaving the layer unchanged, if it contains NaN or Inf.
+        """
+        weight = self.base_layer.weight
+        for name in self._check_adapters_to_merge(adapter_names):
+            delta = self.get_delta_weight(name).to(weight.dtype)
+            if safe_merge:
+                merged = weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                weight.data = merged
+            else:
+                weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.r:
+                weight.data -= self.get_delta_weight(name).to(weight.dtype)
+
+    # ---------------------------------------------------------------- mixed batches
+
+    def _check_adapter_names(self, x: torch.Tensor, adapter_names: list[str]) -> None:
+        if len(x) != len(adapter_names):
+            raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(adapter_names)} and {len(x)} respectively.")

@@ -1,0 +1,85 @@
+"""LoRA on nn.Conv2d: A is a conv with the base kernel, stride and padding; B a 1x1 conv."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LoraLayer
+
+
+class Conv2d(nn.Module, LoraLayer):
+    def __init__(self, base_layer: nn.Conv2d, adapter_name: str, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False,
+                 use_dora: bool = False, **kwargs: Any) -> None:
+        super().__init__()
+        self._init_lora_state(base_layer, base_layer.in_channels, base_layer.out_channels)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
+        self.set_adapter(adapter_name)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
+                     init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False) -> None:
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        base = self.base_layer
+        if use_dora:
+            raise ValueError("use_dora=True is not supported for Conv2d layers by lora-ext")
+        if r % base.groups != 0:
+            raise ValueError(f"Targeting a Conv2d with groups={base.groups} and rank {r}: the rank must be "
+                             "divisible by groups")
+        self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
+        self.use_dora[adapter_name] = False
+        self.lora_dropout[adapter_name] = self._dropout_module(lora_dropout)
+        self.lora_A[adapter_name] = nn.Conv2d(self.in_features, r, base.kernel_size, base.stride, base.padding,
+                                              bias=False)
+        self.lora_B[adapter_name] = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), groups=base.groups,
+                                              bias=False)
+        self._initialise(adapter_name, init_lora_weights, "conv2d")
+        self._move_adapter_to_base(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        if self.base_layer.groups > 1:
+            raise NotImplementedError("Merging is not supported for Conv2d layers with groups > 1")
+        weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        dtype = weight_A.dtype
+        if weight_A.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        if self.base_layer.weight.shape[2:4] == (1, 1):
+            delta = (weight_B[:, :, 0, 0] @ weight_A[:, :, 0, 0])[:, :, None, None]
+        else:
+            # composing the two convolutions: out[o, i] = sum_r B[o, r] * A[r, i]
+            delta = F.conv2d(weight_A.transpose(0, 1), weight_B).transpose(0, 1)
+        return (delta * self.scaling[adapter]).to(dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            self._check_adapter_names(x, adapter_names)
+            for name in dict.fromkeys(adapter_names):
+                if name in self.lora_A:
+                    rows = [i for i, n in enumerate(adapter_names) if n == name]
+                    result[rows] += self._adapter_output(x[rows], name).to(result.dtype)
+            return result
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                result = result + self._adapter_output(x, name)
+        return result.to(result_dtype)
+
+    def _adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
+        x = x.to(lora_A.weight.dtype)
+        return lora_B(lora_A(self.lora_dropout[adapter](x))) * self.scaling[adapter]
+
+    def __repr__(self) -> str:
+        return "lora_ext." + super().__repr__()

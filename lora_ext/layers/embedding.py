@@ -1,0 +1,86 @@
+"""LoRA on nn.Embedding: lookups into lora_embedding_A [r, num_embeddings], then B [dim, r].
+
+As in PEFT, the adapter path applies no dropout (its dropout module exists only for
+configuration parity) and A starts at zero with B Gaussian.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LoraLayer
+
+
+class Embedding(nn.Module, LoraLayer):
+    def __init__(self, base_layer: nn.Embedding, adapter_name: str, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False,
+                 use_dora: bool = False, **kwargs: Any) -> None:
+        super().__init__()
+        num_embeddings, embedding_dim = base_layer.weight.shape
+        self._init_lora_state(base_layer, num_embeddings, embedding_dim)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
+        self.set_adapter(adapter_name)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
+                     init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False) -> None:
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        if use_dora:
+            raise ValueError("use_dora=True is not supported for Embedding layers by lora-ext")
+        self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
+        self.use_dora[adapter_name] = False
+        self.lora_dropout[adapter_name] = self._dropout_module(lora_dropout)
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
+        self._initialise(adapter_name, init_lora_weights, "embedding")
+        self._move_adapter_to_base(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        weight_A, weight_B = self.lora_embedding_A[adapter], self.lora_embedding_B[adapter]
+        dtype = weight_A.dtype
+        if weight_A.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        return ((weight_B @ weight_A).T * self.scaling[adapter]).to(dtype)
+
+    def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(ids, table, padding_idx=base.padding_idx, max_norm=base.max_norm,
+                           norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
+                           sparse=base.sparse)
+
+    def _adapter_output(self, ids: torch.Tensor, adapter: str) -> torch.Tensor:
+        after_A = self._embed(ids, self.lora_embedding_A[adapter].T)
+        output = (after_A @ self.lora_embedding_B[adapter].T) * self.scaling[adapter]
+        embed_scale = getattr(self.base_layer, "embed_scale", None)  # e.g. Gemma's scaled embeddings
+        if isinstance(embed_scale, torch.Tensor):
+            output = output * embed_scale.to(output.dtype)
+        return output
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            self._check_adapter_names(x, adapter_names)
+            result = self.base_layer(x, *args, **kwargs)
+            for name in dict.fromkeys(adapter_names):
+                if name in self.lora_embedding_A:
+                    rows = [i for i, n in enumerate(adapter_names) if n == name]
+                    result[rows] += self._adapter_output(x[rows], name).to(result.dtype)
+            return result
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name in self.lora_embedding_A:
+                result = result + self._adapter_output(x, name)
+        return result
+
+    def __repr__(self) -> str:
+        return "lora_ext." + super().__repr__()

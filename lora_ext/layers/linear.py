@@ -1,0 +1,147 @@
+"""LoRA on nn.Linear and on transformers' Conv1D (weight stored [in, out], fan_in_fan_out).
+
+The first active adapter runs through the fused kernel (base GEMM, Philox dropout,
+A, B and scaling in one op that keeps only x and z = drop(x)·Aᵀ for backward). Any
+further active adapters, autocast regions and mixed-batch calls take the plain
+PyTorch formulation PEFT uses, with the same numbers.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import ops
+from .base import LoraLayer
+
+
+def fresh_dropout_seed() -> int:
+    """A Philox seed drawn from torch's CPU generator.
+
+    Drawing from torch's RNG makes torch.manual_seed reproduce the masks, and lets
+    torch.utils.checkpoint (which restores the RNG state before recomputing) regenerate
+    the very same mask.
+    """
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+def dropout_p(module: nn.Module) -> float:
+    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
+
+
+class Linear(nn.Module, LoraLayer):
+    """A LoRA layer around an nn.Linear (or, with fan_in_fan_out=True, a Conv1D)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, init_lora_weights=True,
+                 use_rslora: bool = False, use_dora: bool = False, **kwargs: Any) -> None:
+        super().__init__()
+        weight = base_layer.weight
+        in_features, out_features = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (
+            weight.shape[1], weight.shape[0])
+        self._init_lora_state(base_layer, in_features, out_features)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
+        self.set_adapter(adapter_name)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
+                     init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False) -> None:
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
+        self.lora_dropout[adapter_name] = self._dropout_module(lora_dropout)
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.use_dora[adapter_name] = bool(use_dora)
+        self._initialise(adapter_name, init_lora_weights, "linear")
+        if use_dora:
+            from .dora import DoraMagnitude
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(self, adapter_name)
+        self._move_adapter_to_base(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    # ---------------------------------------------------------------- weights
+
+    def base_weight_out_in(self) -> torch.Tensor:
+        """The base weight as [out, in], whatever its storage layout."""
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """scaling·B·A in the base weight's layout (transposed for fan_in_fan_out)."""
+        weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        dtype = weight_A.dtype
+        if weight_A.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            weight_A, weight_B = weight_A.float(), weight_B.float()  # CPU half matmuls are slow and lossy
+        delta = (weight_B @ weight_A) * self.scaling[adapter]
+        if self.fan_in_fan_out:
+            delta = delta.T
+        return delta.to(dtype)
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            self._check_adapter_names(x, adapter_names)
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        first = active[0]
+        if self._can_fuse(x, first) and not args and not kwargs:
+            result = self._fused_forward(x, first)
+            rest = active[1:]
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+            rest = active
+        result_dtype = result.dtype
+        for name in rest:
+            result = result + self._adapter_output(x, name)
+        return result.to(result_dtype)
+
+    def _can_fuse(self, x: torch.Tensor, adapter: str) -> bool:
+        weight = self.base_layer.weight
+        return (not self.use_dora.get(adapter, False) and x.dtype == weight.dtype
+                and weight.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+                and not torch.is_autocast_enabled(x.device.type) and x.device == weight.device)
+
+    def _fused_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        weight = self.base_weight_out_in()
+        dtype = weight.dtype
+        # Adapters kept in fp32 over a half-precision base (PEFT's autocast_adapter_dtype)
+        # join the fused GEMMs in the base dtype; autograd casts their gradients back.
+        lora_A = self.lora_A[adapter].weight.to(dtype)
+        lora_B = self.lora_B[adapter].weight.to(dtype)
+        p = dropout_p(self.lora_dropout[adapter])
+        training = self.training and p > 0.0
+        seed = fresh_dropout_seed() if training else 0
+        return ops.lora_linear(x, weight, self.base_layer.bias, lora_A, lora_B, self.scaling[adapter],
+                               p, seed, training)
+
+    def _adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """PEFT's unfused formulation: B(A(dropout(x)))·s in the adapter's dtype."""
+        lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
+        x = x.to(lora_A.weight.dtype)
+        return lora_B(lora_A(self.lora_dropout[adapter](x))) * self.scaling[adapter]
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any,
+                             **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for name in dict.fromkeys(adapter_names):
+            if name not in self.lora_A:
+                continue
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            result[rows] += self._adapter_output(x[rows], name).to(result_dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "lora_ext." + super().__repr__()

@@ -1,0 +1,80 @@
+"""Fully trained copies of whole modules (PEFT's modules_to_save, e.g. a classifier head).
+
+The original module is kept frozen; each adapter owns a trainable copy. Keys follow
+PEFT: `<name>.original_module.*` and `<name>.modules_to_save.<adapter>.*` in the model,
+`<name>.*` in a saved adapter.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ModulesToSaveWrapper(nn.Module):
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict()
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        self.update(adapter_name)
+        self.set_adapter(adapter_name)
+
+    @property
+    def weight(self):
+        return self._current().weight
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    def update(self, adapter_name: str) -> None:
+        if adapter_name not in self.modules_to_save:
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if len(names) > 1:
+            raise ValueError(f"modules_to_save cannot be applied to more than one adapter at once, got {names}")
+        for key, module in self.modules_to_save.items():
+            module.requires_grad_(key in names)
+        self._active_adapter = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+        if enabled:
+            self.set_adapter(self._active_adapter)
+        else:
+            self.modules_to_save.requires_grad_(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        self._active_adapter = [n for n in self._active_adapter if n != adapter_name]
+
+    def _current(self) -> nn.Module:
+        if self._disable_adapters or not self._active_adapter or self._active_adapter[0] not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self._active_adapter[0]]
+
+    def forward(self, *args: Any, **kwargs: Any):
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None or self._disable_adapters:
+            return self._current()(*args, **kwargs)
+        x = args[0]
+        if len(x) != len(adapter_names):
+            raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(adapter_names)} and {len(x)} respectively.")
+        outputs = []
+        for row, name in enumerate(adapter_names):
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            outputs.append(module(x[row:row + 1], *args[1:], **kwargs))
+        return torch.cat(outputs, 0)

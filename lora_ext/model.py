@@ -1,0 +1,472 @@
+"""LoraModel: finds the target modules, wraps them in LoRA layers, manages adapters.
+
+Module matching, rank/alpha patterns, layer replication and trainability follow PEFT
+0.21 rule for rule, so one LoraConfig selects the same modules and creates the same
+parameters in both libraries.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .layers import Conv2d, Embedding, Linear, LoraLayer, ModulesToSaveWrapper
+
+INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+_EXCLUDED = object()
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D
+    except ImportError:  # transformers is optional
+        return None
+
+
+def _linear_classes() -> tuple[type, ...]:
+    conv1d = _conv1d_class()
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+def check_adapter_name(adapter_name: str) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    if adapter_name == "__base__":
+        raise ValueError("adapter_name '__base__' is reserved for rows without an adapter (adapter_names=...)")
+    if any(sep in adapter_name for sep in ("/", "\\", "\0")) or adapter_name in (".", ".."):
+        raise ValueError(f"adapter_name {adapter_name!r} may not contain path separators or be '.'/'..': "
+                         "it names a subfolder when saved")
+
+
+def get_pattern_key(pattern_keys, key_to_match: str) -> str:
+    """The first rank/alpha pattern that matches the end of a module name (PEFT's rule)."""
+    for pattern in pattern_keys:
+        if re.match(rf"(.*\.)?({pattern})$", key_to_match):
+            return pattern
+    return key_to_match
+
+
+def target_matches(config: LoraConfig, key: str):
+    """True if module `key` is targeted, False if not, _EXCLUDED if explicitly excluded."""
+    excluded = config.exclude_modules
+    if excluded:
+        if isinstance(excluded, str):
+            if re.fullmatch(excluded, key):
+                return _EXCLUDED
+        elif key in excluded or any(key.endswith(f".{name}") for name in excluded):
+            return _EXCLUDED
+    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save):
+        return _EXCLUDED
+    targets = config.target_modules
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    found = any(key.endswith(f".{name}") for name in targets)
+    layer_indexes = config.layers_to_transform
+    if found and layer_indexes is not None and (not isinstance(layer_indexes, list) or layer_indexes):
+        patterns = config.layers_pattern
+        match = None
+        if not patterns:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            for pattern in [patterns] if isinstance(patterns, str) else patterns:
+                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+                if match:
+                    break
+        if match is None:
+            return False
+        index = int(match.group("idx"))
+        return index == layer_indexes if isinstance(layer_indexes, int) else index in layer_indexes
+    return found
+
+
+def resolve_all_linear(config: LoraConfig, model: nn.Module) -> None:
+    """target_modules="all-linear": every Linear/Conv1D except the output head (as PEFT)."""
+    targets = config.target_modules
+    if not (isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+        return
+    names = {name for name, module in model.named_modules()
+             if isinstance(module, _linear_classes()) or isinstance(module, Linear)}
+    exclude: set[str] = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) and hasattr(model, "config") else None
+    if output is not None:
+        exclude |= {name for name, module in model.named_modules() if module is output}
+    elif config.task_type is not None and config.task_type.value == "SEQ_CLS":
+        for head in SEQ_CLS_HEAD_NAMES:
+            module = getattr(model, head, None)
+            if module is not None:
+                exclude |= {name for name, m in model.named_modules() if m is module}
+                break
+    for prefix, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            exclude |= {f"{prefix}.{suffix}" for suffix, _ in module.named_modules() if suffix}
+    config.target_modules = names - exclude
+
+
+def replicate_layers(model: nn.Module, layer_map) -> None:
+    """Rebuild the decoder layer list as the spans of layer_map, sharing base weights."""
+    inner = model
+    while hasattr(inner, "model") and isinstance(inner.model, nn.Module):
+        inner = inner.model
+    if hasattr(inner, "bert"):
+        inner = inner.bert
+    if isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        owner, attr = inner, "layers"
+    elif hasattr(inner, "encoder") and isinstance(getattr(inner.encoder, "layer", None), nn.ModuleList):
+        owner, attr = inner.encoder, "layer"
+    elif isinstance(getattr(inner, "h", None), nn.ModuleList):
+        owner, attr = inner, "h"
+    else:
+        raise ValueError("layer_replication: could not find the layer list (model.layers, encoder.layer or h); "
+                         "expected a Llama, Bert or Falcon-like architecture")
+    layers = getattr(owner, attr)
+    new_layers = []
+    for start, end in layer_map:
+        if not 0 <= start < end <= len(layers):
+            raise ValueError(f"layer_replication span [{start}, {end}) is outside the model's {len(layers)} layers")
+        for index in range(start, end):
+            clone = copy.deepcopy(layers[index])
+            for name, submodule in layers[index].named_modules():
+                target = clone.get_submodule(name)
+                for pname, param in submodule.named_parameters(recurse=False):
+                    target.register_parameter(pname, param)  # shared, not copied
+            for submodule in clone.modules():
+                if hasattr(submodule, "layer_idx"):
+                    submodule.layer_idx = len(new_layers)
+            new_layers.append(clone)
+    setattr(owner, attr, nn.ModuleList(new_layers))
+    config = getattr(inner, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers"):
+        config.num_hidden_layers = len(new_layers)
+
+
+class LoraModel(nn.Module):
+    """The tuner: owns the base model (as `.model`) and its LoRA layers."""
+
+    prefix = "lora_"
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter: str | list[str] = adapter_name
+        self.inject_adapter(config, adapter_name)
+        self.model.peft_config = self.peft_config  # as PEFT: transformers looks for it
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any):
+        return self.model(*args, **kwargs)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    def lora_layers(self):
+        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, LoraLayer)]
+
+    # ---------------------------------------------------------------- injection
+
+    def inject_adapter(self, config: LoraConfig, adapter_name: str) -> None:
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another adapter_name "
+                             f"(existing: {sorted(self.peft_config)})")
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a lora_ext.LoraConfig, got {type(config).__name__}")
+        if config.use_dora:
+            from .layers import dora  # noqa: F401  (fails clearly if DoRA is unavailable)
+        if config.layer_replication:
+            if self.peft_config:
+                raise ValueError("layer_replication can only be used for the first adapter of a model")
+            replicate_layers(self.model, config.layer_replication)
+        resolve_all_linear(config, self.model)
+        self.peft_config[adapter_name] = config
+        matched = []
+        try:
+            for key, module in list(self.model.named_modules()):
+                if not key or self._inside_lora_layer(key):
+                    continue
+                if target_matches(config, key) is True:
+                    self._create_and_replace(config, adapter_name, module, key)
+                    matched.append(key)
+            if not matched:
+                raise ValueError(
+                    f"Target modules {config.target_modules} not found in the base model. Please check the target "
+                    f"modules and try again (module names look like "
+                    f"{[n for n, _ in list(self.model.named_modules())[1:6]]}).")
+            self._add_modules_to_save(config, adapter_name)
+        except Exception:
+            self._remove_adapter_everywhere(adapter_name)
+            del self.peft_config[adapter_name]
+            raise
+        self._mark_only_adapters_as_trainable()
+        if config.inference_mode:
+            for _, layer in self.lora_layers():
+                for container in layer._adapter_modules():
+                    if adapter_name in container:
+                        container[adapter_name].requires_grad_(False)
+
+    def _inside_lora_layer(self, key: str) -> bool:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            if isinstance(self.model.get_submodule(".".join(parts[:i])), (LoraLayer, ModulesToSaveWrapper)):
+                return True
+        return False
+
+    def _create_and_replace(self, config: LoraConfig, adapter_name: str, target: nn.Module, key: str) -> None:
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), key), config.lora_alpha)
+        kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                      init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
+                      use_dora=config.use_dora)
+        if isinstance(target, LoraLayer):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        new_module = self._create_new_module(config, adapter_name, target, **kwargs)
+        parent_name, _, child_name = key.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child_name, new_module)
+        if adapter_name not in self.active_adapters:
+            new_module.set_adapter(self.active_adapters)
+            for container in new_module._adapter_modules():
+                if adapter_name in container:
+                    container[adapter_name].requires_grad_(False)
+
+    @staticmethod
+    def _create_new_module(config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
+        conv1d = _conv1d_class()
+        if conv1d is not None and isinstance(target, conv1d):
+            if not config.fan_in_fan_out:
+                warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
+                              "Setting fan_in_fan_out to True.")
+                config.fan_in_fan_out = True
+            return Linear(target, adapter_name, fan_in_fan_out=True, **kwargs)
+        if isinstance(target, nn.Linear):
+            if config.fan_in_fan_out:
+                warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                              "Setting fan_in_fan_out to False.")
+                config.fan_in_fan_out = False
+            return Linear(target, adapter_name, fan_in_fan_out=False, **kwargs)
+        if isinstance(target, nn.Embedding):
+            return Embedding(target, adapter_name, **kwargs)
+        if isinstance(target, nn.Conv2d):
+            return Conv2d(target, adapter_name, **kwargs)
+        raise ValueError(f"Target module {target} is not supported. Currently, only torch.nn.Linear, "
+                         "torch.nn.Embedding, torch.nn.Conv2d, transformers.pytorch_utils.Conv1D and "
+                         "lora_ext.NF4Linear are supported.")
+
+    def _add_modules_to_save(self, config: LoraConfig, adapter_name: str) -> None:
+        if not config.modules_to_save:
+            return
+        for key, module in list(self.model.named_modules()):
+            if not key or self._inside_lora_layer(key):
+                continue
+            if not any(key == name or key.endswith(f".{name}") for name in config.modules_to_save):
+                continue
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
+                module.set_adapter(module.active_adapters or adapter_name)
+            else:
+                parent_name, _, child_name = key.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                wrapper = ModulesToSaveWrapper(module, adapter_name)
+                if adapter_name not in self.active_adapters:
+                    wrapper.set_adapter(self.active_adapters[0])
+                setattr(parent, child_name, wrapper)
+
+    def _mark_only_adapters_as_trainable(self) -> None:
+        adapter_params = set()
+        for _, layer in self.lora_layers():
+            for container in layer._adapter_modules():
+                for name, item in container.items():
+                    params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+                    adapter_params |= {id(p) for p in params}
+        wrappers = [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        wrapper_params = {id(p) for w in wrappers for p in w.modules_to_save.parameters()}
+        for p in self.model.parameters():
+            if id(p) not in adapter_params and id(p) not in wrapper_params:
+                p.requires_grad_(False)
+        for _, layer in self.lora_layers():
+            layer.set_adapter(layer.active_adapters)
+        for wrapper in wrappers:
+            wrapper.set_adapter(wrapper.active_adapters)
+        for adapter in self.active_adapters:
+            bias = self.peft_config[adapter].bias
+            if bias == "all":
+                for name, p in self.model.named_parameters():
+                    if name == "bias" or name.endswith(".bias"):
+                        p.requires_grad_(True)
+            elif bias == "lora_only":
+                for _, layer in self.lora_layers():
+                    if layer.bias is not None:
+                        layer.bias.requires_grad_(True)
+
+    # ---------------------------------------------------------------- adapter management
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"Adapter {name!r} not found; existing adapters: {sorted(self.peft_config)}")
+        for _, layer in self.lora_layers():
+            if layer.merged:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                layer.unmerge()
+            layer.set_adapter(names)
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.set_adapter(names[0]) if len(names) == 1 else module.set_adapter(names)
+        self.active_adapter = names[0] if len(names) == 1 else names
+        self._mark_only_adapters_as_trainable()
+
+    def _set_adapter_layers(self, enabled: bool) -> None:
+        for module in self.model.modules():
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                module.enable_adapters(enabled)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_adapter_layers(True)
+
+    def disable_adapter_layers(self) -> None:
+        for adapter in self.active_adapters:
+            if self.peft_config[adapter].bias != "none":
+                warnings.warn(f"Careful, disabling adapter layers with bias configured to be "
+                              f"'{self.peft_config[adapter].bias}' does not produce the same output as the base "
+                              "model would without adaption.")
+        self._set_adapter_layers(False)
+
+    def _remove_adapter_everywhere(self, adapter_name: str) -> None:
+        for module in self.model.modules():
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)) and (
+                    adapter_name in getattr(module, "r", {}) or adapter_name in getattr(module, "modules_to_save", {})):
+                module.delete_adapter(adapter_name)
+        # layers that now hold no adapter at all go back to their base module
+        for key, module in list(self.model.named_modules()):
+            if isinstance(module, LoraLayer) and not module.r:
+                self._replace(key, module.base_layer)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; existing adapters: {sorted(self.peft_config)}")
+        for _, layer in self.lora_layers():
+            if adapter_name in layer.merged_adapters:
+                raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")
+        del self.peft_config[adapter_name]
+        self._remove_adapter_everywhere(adapter_name)
+        remaining = [n for n in self.active_adapters if n != adapter_name] or list(self.peft_config)[:1]
+        if remaining:
+            self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
+            self.set_adapter(self.active_adapter)
+
+    # ---------------------------------------------------------------- merging
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge adapters into the base weights (all or nothing when safe_merge fails)."""
+        self._check_merge_allowed()
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"Adapter {name!r} not found; existing adapters: {sorted(self.peft_config)}")
+        layers = [layer for _, layer in self.lora_layers()]
+        if safe_merge:  # check every layer before touching any
+            for layer in layers:
+                for name in names:
+                    if name in layer.r and name not in layer.merged_adapters:
+                        merged = layer.base_layer.weight.data + layer.get_delta_weight(name).to(
+                            layer.base_layer.weight.dtype)
+                        if not torch.isfinite(merged).all():
+                            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be "
+                                             "broken; the model was left unmerged")
+        for layer in layers:
+            layer.merge(safe_merge=False, adapter_names=names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.lora_layers():
+            if layer.merged:
+                layer.unmerge()
+
+    def _check_merge_allowed(self) -> None:
+        if getattr(self.model, "quantization_method", None) == "gptq":
+            raise ValueError("Cannot merge LORA layers when the model is gptq quantized")
+        for config in self.peft_config.values():
+            if config.layer_replication:
+                raise ValueError("Cannot merge LORA layers when base model layers are replicated")
+
+    def _replace(self, key: str, new_module: nn.Module) -> None:
+        parent_name, _, child_name = key.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child_name, new_module)
+
+    def _unload_and_optionally_merge(self, merge: bool, safe_merge: bool = False,
+                                     adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        for key, module in list(self.model.named_modules()):
+            if isinstance(module, LoraLayer):
+                base = module.get_base_layer()
+                if hasattr(base, "lora_ext_requantize") and merge:
+                    base = base.lora_ext_requantize()
+                self._replace(key, base)
+            elif isinstance(module, ModulesToSaveWrapper):
+                self._replace(key, module._current() if merge else module.original_module)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        return self._unload_and_optionally_merge(True, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self._unload_and_optionally_merge(False)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, adapter_names: list[str] | None):
+        """Route `adapter_names=` to every LoRA layer for one forward/generate call."""
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+        for _, layer in self.lora_layers():
+            if layer.merged:
+                raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                                 "`unmerge_adapter` first.")
+        if any(self.peft_config[name].use_dora for name in set(adapter_names) - {"__base__"}):
+            raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+        handles = []
+
+        def pre_hook(module, args, kwargs):
+            kwargs["adapter_names"] = adapter_names
+            return args, kwargs
+
+        for module in self.model.modules():
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

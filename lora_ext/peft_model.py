@@ -1,0 +1,350 @@
+"""PeftModel and friends: PEFT's user-facing API on top of LoraModel.
+
+    model = get_peft_model(base, LoraConfig(...))          # adapter "default"
+    model.save_pretrained(path)                             # PEFT reads it as is
+    model = PeftModel.from_pretrained(base, path)           # PEFT-written folders too
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LoraConfig, TaskType
+from .layers import LoraLayer
+from .model import LoraModel, check_adapter_name
+from .serialization import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_write_bytes,
+                            get_peft_model_state_dict, load_adapter_file, set_peft_model_state_dict)
+from .weighted import add_weighted_adapter as _add_weighted_adapter
+
+# heads that PEFT trains in full (modules_to_save) for classification tasks
+_CLASSIFIER_MODULES = {TaskType.SEQ_CLS: ["classifier", "score"], TaskType.TOKEN_CLS: ["classifier", "score"],
+                       TaskType.QUESTION_ANS: ["qa_outputs"]}
+
+
+class PeftModel(nn.Module):
+    """A base model with LoRA adapters; `base_model` is the LoraModel (keys as PEFT's)."""
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
+        super().__init__()
+        self._prepare_config(peft_config, model)
+        self.base_model = LoraModel(model, peft_config, adapter_name)
+        if autocast_adapter_dtype:
+            self._cast_adapter_dtype(adapter_name)
+        if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+
+    def _prepare_config(self, config: LoraConfig, model: nn.Module) -> None:
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"peft_config must be a lora_ext.LoraConfig, got {type(config).__name__}")
+        extra = _CLASSIFIER_MODULES.get(config.task_type)
+        if extra:
+            config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *extra]))
+
+    def _cast_adapter_dtype(self, adapter_name: str) -> None:
+        """Half-precision adapters are kept in fp32, as PEFT's autocast_adapter_dtype does."""
+        for _, layer in self.base_model.lora_layers():
+            for container in layer._adapter_modules():
+                if adapter_name not in container:
+                    continue
+                item = container[adapter_name]
+                params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+                for param in params:
+                    if param.dtype in (torch.float16, torch.bfloat16):
+                        param.data = param.data.float()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---------------------------------------------------------------- introspection
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for param in self.parameters():
+            count = param.numel()
+            if param.__class__.__name__ == "Params4bit":  # bitsandbytes packs two weights per byte
+                count *= 2 * getattr(param, "element_size", lambda: 1)()
+            total += count
+            if param.requires_grad:
+                trainable += count
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # ---------------------------------------------------------------- running
+
+    def forward(self, *args: Any, **kwargs: Any):
+        with self.base_model._enable_peft_forward_hooks(kwargs.pop("adapter_names", None)):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any):
+        with self.base_model._enable_peft_forward_hooks(kwargs.pop("adapter_names", None)):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model alone inside the block (merged adapters are unmerged first)."""
+        self.base_model.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.base_model.enable_adapter_layers()
+
+    # ---------------------------------------------------------------- adapters
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        self._prepare_config(peft_config, self.get_base_model())
+        self.base_model.inject_adapter(peft_config, adapter_name)
+        if autocast_adapter_dtype:
+            self._cast_adapter_dtype(adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} not found.")
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None, svd_clamp=None,
+                             svd_full_matrices: bool = True, svd_driver: str | None = None, **kwargs) -> None:
+        if kwargs.get("density") is not None:
+            raise ValueError("density-based combinations (ties, dare, magnitude_prune) are not supported by lora-ext")
+        _add_weighted_adapter(self.base_model, adapters, weights, adapter_name, combination_type, svd_rank,
+                              svd_clamp, svd_full_matrices, svd_driver)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    # ---------------------------------------------------------------- saving and loading
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | None = None, **kwargs: Any) -> None:
+        """adapter_config.json + adapter_model.safetensors per adapter; non-default ones in subfolders."""
+        directory = Path(save_directory)
+        if directory.is_file():
+            raise ValueError(f"Provided path ({str(directory)}) should be a directory, not a file")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"You passed an invalid `selected_adapters` arguments, current supported adapter names "
+                             f"are {list(self.peft_config)} - got {unknown}.")
+        if not is_main_process:
+            return
+        for name in names:
+            config = self.peft_config[name]
+            output = directory if name == "default" else directory / name
+            output.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self, name).items()}
+            if path_initial_model_for_weight_conversion is not None:
+                from .init import convert_to_lora_state_dict
+                state, config = convert_to_lora_state_dict(self, name, state, config,
+                                                           path_initial_model_for_weight_conversion)
+            if safe_serialization:
+                atomic_save_safetensors(state, output / SAFETENSORS_WEIGHTS_NAME)
+            else:
+                import io
+                buffer = io.BytesIO()
+                torch.save(state, buffer)
+                atomic_write_bytes(output / WEIGHTS_NAME, buffer.getvalue())
+            if config.base_model_name_or_path is None:
+                config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path") or None
+            inference_mode = config.inference_mode
+            config.inference_mode = True  # PEFT writes saved configs in inference mode
+            try:
+                config.save_pretrained(output)
+            finally:
+                config.inference_mode = inference_mode
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: LoraConfig | None = None,
+                        autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
+                        subfolder: str | None = None, **kwargs: Any) -> "PeftModel":
+        check_adapter_name(adapter_name)
+        directory = Path(model_id) / subfolder if subfolder else Path(model_id)
+        if config is None:
+            config = LoraConfig.from_pretrained(directory)
+        config.inference_mode = not is_trainable
+        _ = load_adapter_file(directory)  # a folder without weights fails before the model is touched
+        model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, cls)
+        if cls is not PeftModel and not issubclass(model_class, cls):
+            model_class = cls
+        peft_model = model_class(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            peft_model._load_weights(directory, adapter_name)
+        except Exception:
+            peft_model.base_model.unload()  # leave the user's model as it was
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     torch_device: str | None = None, autocast_adapter_dtype: bool = True,
+                     subfolder: str | None = None, **kwargs: Any):
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} is already loaded; choose another adapter_name")
+        directory = Path(model_id) / subfolder if subfolder else Path(model_id)
+        config = LoraConfig.from_pretrained(directory)
+        config.inference_mode = not is_trainable
+        _ = load_adapter_file(directory)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            self._load_weights(directory, adapter_name)
+        except Exception:
+            self.base_model.peft_config.pop(adapter_name, None)
+            self.base_model._remove_adapter_everywhere(adapter_name)
+            raise
+        if not is_trainable:
+            self.eval()
+        return None
+
+    def _load_weights(self, directory: Path, adapter_name: str) -> None:
+        saved = load_adapter_file(directory)
+        set_peft_model_state_dict(self, saved, adapter_name)
+
+
+class PeftModelForCausalLM(PeftModel):
+    pass
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    pass
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    pass
+
+
+class PeftModelForTokenClassification(PeftModel):
+    pass
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    pass
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    pass
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType | None, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True, revision: str | None = None, **kwargs: Any) -> PeftModel:
+    """Wrap `model` with a new LoRA adapter, as peft.get_peft_model."""
+    if not isinstance(peft_config, LoraConfig):
+        raise TypeError(f"peft_config must be a lora_ext.LoraConfig, got {type(peft_config).__name__}")
+    # from-config models have name_or_path == "": that names no base model
+    peft_config.base_model_name_or_path = model.__dict__.get("name_or_path") or None
+    if revision is not None:
+        peft_config.revision = revision
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise ValueError("this model already holds LoRA layers; use add_adapter on its PeftModel instead")
+    model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
+    return model_class(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+class _AutoPeftModel:
+    """Loads the base model named in adapter_config.json, then the adapter."""
+
+    _auto_class_name: str = ""
+    _peft_class: type[PeftModel] = PeftModel
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: LoraConfig | None = None, **kwargs: Any) -> PeftModel:
+        config = config or LoraConfig.from_pretrained(pretrained_model_name_or_path)
+        base_path = config.base_model_name_or_path
+        if not base_path:
+            raise ValueError(f"{str(pretrained_model_name_or_path)!r}: adapter_config.json names no "
+                             "base_model_name_or_path, so the base model cannot be found")
+        import transformers
+        auto_class = getattr(transformers, cls._auto_class_name)
+        base = auto_class.from_pretrained(base_path, revision=config.revision, **kwargs)
+        return cls._peft_class.from_pretrained(base, pretrained_model_name_or_path, adapter_name=adapter_name,
+                                               is_trainable=is_trainable, config=config)
+
+
+class AutoPeftModel(_AutoPeftModel):
+    _auto_class_name = "AutoModel"
+
+
+class AutoPeftModelForCausalLM(_AutoPeftModel):
+    _auto_class_name = "AutoModelForCausalLM"
+    _peft_class = PeftModelForCausalLM
+
+
+class AutoPeftModelForSeq2SeqLM(_AutoPeftModel):
+    _auto_class_name = "AutoModelForSeq2SeqLM"
+    _peft_class = PeftModelForSeq2SeqLM
+
+
+class AutoPeftModelForSequenceClassification(_AutoPeftModel):
+    _auto_class_name = "AutoModelForSequenceClassification"
+    _peft_class = PeftModelForSequenceClassification
+
+
+class AutoPeftModelForTokenClassification(_AutoPeftModel):
+    _auto_class_name = "AutoModelForTokenClassification"
+    _peft_class = PeftModelForTokenClassification
+
+
+class AutoPeftModelForFeatureExtraction(_AutoPeftModel):
+    _auto_class_name = "AutoModel"
+    _peft_class = PeftModelForFeatureExtraction

@@ -1,0 +1,158 @@
+"""adapter_model.safetensors in PEFT's format: key mapping, strict checks, atomic files.
+
+Saved keys are the model's state_dict keys with the adapter name removed
+(`...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`), DoRA magnitudes as
+`...lora_magnitude_vector`, modules_to_save copies as `<module>.<param>`. This module
+knows nothing of kernels: it maps names and moves tensors.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .layers import LoraLayer, ModulesToSaveWrapper
+
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = "adapter_model.bin"
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save
+    contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(contiguous, metadata=metadata or {"format": "pt"}))
+
+
+def adapter_key_map(peft_model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """saved key -> model state_dict key, for every tensor of one adapter."""
+    lora_model = peft_model.base_model
+    config = lora_model.peft_config[adapter_name]
+    prefix = "base_model.model."
+    mapping: dict[str, str] = {}
+    for module_name, module in lora_model.model.named_modules():
+        path = prefix + module_name + "." if module_name else prefix
+        if isinstance(module, LoraLayer):
+            for attr in module.adapter_layer_names:
+                container = getattr(module, attr)
+                if adapter_name not in container:
+                    continue
+                item = container[adapter_name]
+                if isinstance(item, nn.Parameter):
+                    mapping[f"{path}{attr}"] = f"{path}{attr}.{adapter_name}"
+                elif attr == "lora_magnitude_vector":
+                    mapping[f"{path}{attr}"] = f"{path}{attr}.{adapter_name}.weight"
+                else:
+                    for pname, _ in item.named_parameters():
+                        mapping[f"{path}{attr}.{pname}"] = f"{path}{attr}.{adapter_name}.{pname}"
+            if config.bias == "lora_only" and module.bias is not None:
+                mapping[f"{path}base_layer.bias"] = f"{path}base_layer.bias"
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for pname, _ in module.modules_to_save[adapter_name].named_parameters():
+                mapping[f"{path}{pname}"] = f"{path}modules_to_save.{adapter_name}.{pname}"
+    if config.bias == "all":
+        for name, _ in lora_model.model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                mapping.setdefault(prefix + name, prefix + name)
+    for saved, model_key in _embedding_base_keys(peft_model, config):
+        mapping.setdefault(saved, model_key)
+    return mapping
+
+
+def _embedding_base_keys(peft_model: nn.Module, config):
+    """PEFT also saves the base weights of targeted embedding layers (they may be resized)."""
+    targets = config.target_modules
+    if not targets or isinstance(targets, str):
+        return []
+    if not any(name in targets for name in EMBEDDING_LAYER_NAMES):
+        return []
+    model = peft_model.base_model.model
+    keys = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        layer = fn() if callable(fn) else None
+        if layer is None:
+            continue
+        for name, module in model.named_modules():
+            if module is layer or (isinstance(module, LoraLayer) and module.base_layer is layer):
+                for pname, _ in module.named_parameters():
+                    if "lora_" not in pname:
+                        full = f"base_model.model.{name}.{pname}"
+                        keys.append((full, full))
+    return keys
+
+
+def get_peft_model_state_dict(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    state = peft_model.state_dict()
+    return {saved: state[model_key] for saved, model_key in adapter_key_map(peft_model, adapter_name).items()}
+
+
+def load_adapter_file(directory: Path) -> dict[str, torch.Tensor]:
+    """Read adapter_model.safetensors (or, safely, adapter_model.bin) with clear errors."""
+    st_path, bin_path = directory / SAFETENSORS_WEIGHTS_NAME, directory / WEIGHTS_NAME
+    if st_path.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(st_path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise ValueError(f"{str(st_path)!r} is not a valid safetensors file (truncated or corrupted?): "
+                             f"{error}") from None
+    if bin_path.is_file():
+        try:  # weights_only: a pickle can never run code here
+            return torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"{str(bin_path)!r} could not be loaded safely (weights only): {error}") from None
+    raise ValueError(f"{str(directory)!r} is not a LoRA adapter: it has neither {SAFETENSORS_WEIGHTS_NAME} "
+                     f"nor {WEIGHTS_NAME}")
+
+
+def set_peft_model_state_dict(peft_model: nn.Module, saved: dict[str, torch.Tensor], adapter_name: str,
+                              strict: bool = True) -> None:
+    """Copy a saved adapter into the model. Everything is checked before anything is written."""
+    mapping = adapter_key_map(peft_model, adapter_name)
+    state = peft_model.state_dict(keep_vars=True)
+    missing = sorted(k for k in mapping if k not in saved)
+    unexpected = sorted(k for k in saved if k not in mapping and k not in state)
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+        raise ValueError(f"adapter {adapter_name!r} does not match the model: " + "; ".join(parts))
+    targets = []
+    for key, tensor in saved.items():
+        model_key = mapping.get(key, key if key in state else None)
+        if model_key is None:
+            continue
+        param = state[model_key]
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise ValueError(f"adapter {adapter_name!r}: {key!r} has shape {tuple(tensor.shape)} in the file but "
+                             f"the model expects {tuple(param.shape)} (was it trained with another r or base?)")
+        if not tensor.is_floating_point() and param.is_floating_point():
+            raise ValueError(f"adapter {adapter_name!r}: {key!r} has dtype {tensor.dtype}, expected a float tensor")
+        targets.append((param, tensor))
+    with torch.no_grad():
+        for param, tensor in targets:
+            param.copy_(tensor.to(device=param.device, dtype=param.dtype))
