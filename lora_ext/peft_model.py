@@ -36,7 +36,10 @@ class PeftModel(nn.Module):
         self.base_model = LoraModel(model, peft_config, adapter_name)
         if autocast_adapter_dtype:
             self._cast_adapter_dtype(adapter_name)
-        if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
 
     def _prepare_config(self, config: LoraConfig, model: nn.Module) -> None:
