@@ -192,8 +192,6 @@ class LoraModel(nn.Module):
                              f"(existing: {sorted(self.peft_config)})")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a lora_ext.LoraConfig, got {type(config).__name__}")
-        if config.use_dora:
-            from .layers import dora  # noqa: F401  (fails clearly if DoRA is unavailable)
         if config.layer_replication:
             if self.peft_config:
                 raise ValueError("layer_replication can only be used for the first adapter of a model")
@@ -391,8 +389,7 @@ class LoraModel(nn.Module):
             for layer in layers:
                 for name in names:
                     if name in layer.r and name not in layer.merged_adapters:
-                        merged = layer.base_layer.weight.data + layer.get_delta_weight(name).to(
-                            layer.base_layer.weight.dtype)
+                        merged = layer.merged_weight(name)
                         if not torch.isfinite(merged).all():
                             raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be "
                                              "broken; the model was left unmerged")

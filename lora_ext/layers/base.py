@@ -158,22 +158,28 @@ class LoraLayer:
             warnings.warn(f"already merged adapters {already} are skipped; merged: {self.merged_adapters}")
         return [n for n in names if n not in self.merged_adapters]
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the adapters' delta weights into the base weight.
+    def merged_weight(self, adapter: str) -> torch.Tensor:
+        """The base weight with this adapter merged in (not yet written)."""
+        weight = self.base_layer.weight
+        return weight.data + self.get_delta_weight(adapter).to(weight.dtype)
 
-        safe_merge computes the merged weight on a copy first and raises ValueError,
-        leaving the layer unchanged, if it contains NaN or Inf.
+    def unmerged_weight(self, adapter: str) -> torch.Tensor:
+        """The base weight with this (merged) adapter taken out again."""
+        weight = self.base_layer.weight
+        return weight.data - self.get_delta_weight(adapter).to(weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Merge the adapters into the base weight.
+
+        safe_merge computes the merged weight first and raises ValueError, leaving the
+        layer unchanged, if it contains NaN or Inf.
         """
         weight = self.base_layer.weight
         for name in self._check_adapters_to_merge(adapter_names):
-            delta = self.get_delta_weight(name).to(weight.dtype)
-            if safe_merge:
-                merged = weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-                weight.data = merged
-            else:
-                weight.data += delta
+            merged = self.merged_weight(name)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            weight.data = merged
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -184,7 +190,7 @@ class LoraLayer:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.r:
-                weight.data -= self.get_delta_weight(name).to(weight.dtype)
+                weight.data = self.unmerged_weight(name)
 
     # ---------------------------------------------------------------- mixed batches
 

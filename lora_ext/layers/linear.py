@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from . import dora
 from .base import LoraLayer
 
 
@@ -42,6 +43,7 @@ class Linear(nn.Module, LoraLayer):
             weight.shape[1], weight.shape[0])
         self._init_lora_state(base_layer, in_features, out_features)
         self.fan_in_fan_out = fan_in_fan_out
+        self._dora_merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the norms used at merge time
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
         self.set_adapter(adapter_name)
 
@@ -55,10 +57,9 @@ class Linear(nn.Module, LoraLayer):
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
         self.use_dora[adapter_name] = bool(use_dora)
         self._initialise(adapter_name, init_lora_weights, "linear")
-        if use_dora:
-            from .dora import DoraMagnitude
-            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(self, adapter_name)
         self._move_adapter_to_base(adapter_name)
+        if use_dora:
+            self.lora_magnitude_vector[adapter_name] = dora.DoraMagnitude(self, adapter_name)
         self.set_adapter(self.active_adapters)
 
     # ---------------------------------------------------------------- weights
@@ -79,6 +80,16 @@ class Linear(nn.Module, LoraLayer):
             delta = delta.T
         return delta.to(dtype)
 
+    def merged_weight(self, adapter: str) -> torch.Tensor:
+        if self.use_dora.get(adapter, False):
+            return dora.merge_dora(self, adapter)
+        return super().merged_weight(adapter)
+
+    def unmerged_weight(self, adapter: str) -> torch.Tensor:
+        if self.use_dora.get(adapter, False):
+            return dora.unmerge_dora(self, adapter)
+        return super().unmerged_weight(adapter)
+
     # ---------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -97,19 +108,26 @@ class Linear(nn.Module, LoraLayer):
             return self.base_layer(x, *args, **kwargs)
         first = active[0]
         if self._can_fuse(x, first) and not args and not kwargs:
-            result = self._fused_forward(x, first)
+            if self.use_dora.get(first, False):
+                result = dora.dora_forward(self, x, first, fresh_dropout_seed)
+            else:
+                result = self._fused_forward(x, first)
             rest = active[1:]
         else:
             result = self.base_layer(x, *args, **kwargs)
             rest = active
         result_dtype = result.dtype
         for name in rest:
-            result = result + self._adapter_output(x, name)
+            if self.use_dora.get(name, False):  # its contribution: the DoRA output minus the base output
+                base = torch.nn.functional.linear(x, self.base_weight_out_in(), self.base_layer.bias)
+                result = result + (dora.dora_forward(self, x, name, fresh_dropout_seed) - base)
+            else:
+                result = result + self._adapter_output(x, name)
         return result.to(result_dtype)
 
     def _can_fuse(self, x: torch.Tensor, adapter: str) -> bool:
         weight = self.base_layer.weight
-        return (not self.use_dora.get(adapter, False) and x.dtype == weight.dtype
+        return (x.dtype == weight.dtype
                 and weight.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
                 and not torch.is_autocast_enabled(x.device.type) and x.device == weight.device)
 
