@@ -13,6 +13,7 @@ from ._loader import load_extension
 _C = load_extension()
 
 from . import ops  # noqa: E402  (registers fakes and autograd for the ops _C defined)
+from .accelerate import accelerate, restore  # noqa: E402  (needs peft only when called)
 from .config import LoraConfig, PeftType, TaskType  # noqa: E402
 from .peft_model import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,  # noqa: E402
                          AutoPeftModelForSeq2SeqLM, AutoPeftModelForSequenceClassification,
@@ -28,4 +29,4 @@ __all__ = ["BUILD_INFO", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftM
            "AutoPeftModelForTokenClassification", "LoraConfig", "PeftModel", "PeftModelForCausalLM",
            "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
            "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
-           "get_peft_model", "get_peft_model_state_dict", "ops", "set_peft_model_state_dict", "__version__"]
+           "accelerate", "get_peft_model", "get_peft_model_state_dict", "ops", "restore", "set_peft_model_state_dict", "__version__"]

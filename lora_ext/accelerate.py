@@ -1,0 +1,298 @@
+"""Swap PEFT's LoRA Linear layers for fused ones in place: `accelerate(model)` / `restore(model)`.
+
+A swapped layer is the very same module object with its class switched to
+FusedLoraLinear, a subclass of peft.tuners.lora.layer.Linear that only overrides
+forward. Nothing is copied or re-registered, so parameters (and optimizer references to
+them), state_dict keys and tensors, hooks and every PEFT method (merge, set_adapter,
+disable_adapter, save_pretrained, ...) keep working, and `restore` just switches back.
+
+The fused forward reproduces PEFT's Linear.forward. Whatever it does not cover (DoRA and
+other LoRA variants, lora_bias, adapter_names mixed batches, quantised or custom base
+layers, hooks on the inner modules, autocast, mixed dtypes such as a bf16 base with fp32
+adapters) runs PEFT's own forward, decided per call.
+
+Dropout: PEFT's nn.Dropout draws a fresh mask per call from torch's RNG; the fused layer
+draws a fresh Philox seed per call from torch's default CPU generator (for inputs on any
+device: no host sync, and it is the generator torch.manual_seed seeds and
+torch.utils.checkpoint saves and restores), so runs are reproducible and a checkpointed
+recomputation regenerates the identical mask. The masks differ from PEFT's (another
+generator) but have the same distribution: each element kept with probability 1 - p,
+scaled by 1 / (1 - p), independently per adapter and per call.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from . import ops
+from .ops._common import SUPPORTED_DTYPES
+
+logger = logging.getLogger(__name__)
+
+_peft_classes: tuple | None = None
+_fused_class: type | None = None
+
+
+def _require_peft() -> tuple[type, type | None]:
+    """(peft.tuners.lora.layer.Linear, transformers Conv1D), imported on first use: peft
+    and transformers take seconds to import and lora_ext does not need them otherwise."""
+    global _peft_classes
+    if _peft_classes is None:
+        try:
+            from peft.tuners.lora.layer import Linear as peft_linear
+        except ImportError as error:
+            raise ImportError("lora_ext.accelerate needs peft (pip install peft); importing "
+                              f"peft.tuners.lora.layer failed: {error}") from error
+        try:
+            from transformers.pytorch_utils import Conv1D as conv1d
+        except ImportError:
+            conv1d = None
+        _peft_classes = (peft_linear, conv1d)
+    return _peft_classes
+
+
+# Seeds are drawn below 2^62 so they are plain non-negative int64 values.
+_SEED_BOUND = 1 << 62
+
+
+# Kept out of compiled graphs: traced, torch.randint would run on inductor's own RNG and
+# give other seeds than eager mode; this way a compiled model draws the very same masks.
+@torch.compiler.disable
+def _fresh_seed() -> int:
+    return int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    # Calling the fused op bypasses the inner modules' __call__, so anything hooked on
+    # them (or replacing their forward, as accelerate's offload hooks do) must see the
+    # ordinary path instead.
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__)
+
+
+def _global_hooks() -> bool:
+    m = torch.nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks)
+
+
+def _plain_tensor(t) -> bool:
+    # quantised (bitsandbytes Params4bit / Int8Params), DTensor, ... are subclasses
+    return type(t) in (nn.Parameter, torch.Tensor)
+
+
+def _base_weight_and_bias(base: nn.Module):
+    """(weight as [out, in], bias) for a base layer the fused op can stand in for, else None."""
+    kind = type(base)
+    if kind is nn.Linear:
+        weight = base.weight
+        transposed = False
+    elif kind is _require_peft()[1]:
+        weight = base.weight  # stored [in, out]: y = x @ W + b
+        transposed = True
+    else:
+        return None
+    bias = base.bias
+    if not _plain_tensor(weight) or (bias is not None and not _plain_tensor(bias)):
+        return None
+    if weight.dim() != 2:
+        return None
+    return (weight.t() if transposed else weight), bias
+
+
+def _adapter_reason(layer, name: str, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why adapter `name` cannot take the fused path (None when it can)."""
+    if name in layer.lora_variant or layer.use_dora.get(name, False):
+        return "a LoRA variant (DoRA, ...)"
+    if layer.lora_bias.get(name, False):
+        return "lora_bias=True"
+    lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+    drop = layer.lora_dropout[name]
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None \
+            or lora_B.bias is not None:
+        return "adapter modules that are not bias-free nn.Linear"
+    if type(drop) not in (nn.Identity, nn.Dropout):
+        return f"a dropout module of type {type(drop).__name__}"
+    if _has_hooks(lora_A) or _has_hooks(lora_B) or _has_hooks(drop):
+        return "hooks on the adapter modules"
+    for t in (lora_A.weight, lora_B.weight):
+        if not _plain_tensor(t):
+            return "adapter weights that are not plain tensors"
+        if t.dtype != dtype:
+            return f"adapter dtype {t.dtype} differs from the base layer's {dtype}"
+        if t.device != device:
+            return f"adapter on {t.device}, base layer on {device}"
+    return None
+
+
+def _static_reason(layer) -> str | None:
+    """Why this layer's forward (in its present state) cannot be fused; None when it can."""
+    base = layer.base_layer
+    found = _base_weight_and_bias(base)
+    if found is None:
+        return f"base layer {type(base).__name__} (fused: nn.Linear and transformers Conv1D)"
+    if _has_hooks(base):
+        return "hooks on the base layer"
+    weight, bias = found
+    if weight.dtype not in SUPPORTED_DTYPES:
+        return f"base weight dtype {weight.dtype}"
+    if bias is not None and (bias.dtype != weight.dtype or bias.device != weight.device):
+        return "a bias of another dtype or device than the weight"
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            reason = _adapter_reason(layer, name, weight.dtype, weight.device)
+            if reason is not None:
+                return f"adapter {name!r}: {reason}"
+    return None
+
+
+def _dropout_of(drop: nn.Module) -> tuple[float, bool]:
+    """(p, training) equivalent to PEFT calling `drop` (nn.Identity or nn.Dropout)."""
+    if type(drop) is nn.Dropout:
+        return float(drop.p), bool(drop.training)
+    return 0.0, False
+
+
+class _FusedForward:
+    """The forward of FusedLoraLinear: peft.tuners.lora.layer.Linear running
+    lora_ext.ops.lora_linear. Never constructed: `accelerate` switches the class of
+    existing PEFT layers."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapters = self._fused_adapters(x, args, kwargs)
+        if adapters is None:
+            return _require_peft()[0].forward(self, x, *args, **kwargs)
+        weight, bias = _base_weight_and_bias(self.base_layer)
+        (A, B, s, p, training), *others = adapters
+        seed = _fresh_seed() if training and p > 0.0 else 0
+        y = ops.lora_linear(x, weight, bias, A, B, s, p, seed, training=training)
+        for A, B, s, p, training in others:
+            # Further active adapters add their own term with an independent mask, as
+            # PEFT's separate nn.Dropout calls do; the base product is done once.
+            if training and p > 0.0:
+                keep = ops.dropout_mask(x, p, _fresh_seed())
+                xd = x * keep.to(x.dtype) / (1.0 - p)
+            else:
+                xd = x
+            y = y + (xd @ A.t()) @ B.t() * s
+        return y
+
+    def _fused_adapters(self, x, args, kwargs):
+        """[(lora_A, lora_B, scaling, p, training)] of the active adapters when this call
+        can be fused, else None (then PEFT's forward runs)."""
+        if args or any(v is not None for v in kwargs.values()):
+            return None  # adapter_names, alora_offsets or base-layer arguments
+        if self.disable_adapters or self.merged or not isinstance(x, torch.Tensor):
+            return None
+        if _global_hooks() or torch.is_autocast_enabled(x.device.type):
+            return None
+        if _static_reason(self) is not None:
+            return None
+        weight, _ = _base_weight_and_bias(self.base_layer)
+        if x.dtype != weight.dtype or x.device != weight.device or x.dim() < 1 \
+                or x.shape[-1] != weight.shape[1]:
+            return None
+        adapters = []
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            scaling = self.scaling[name]
+            if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+                return None
+            p, training = _dropout_of(self.lora_dropout[name])
+            adapters.append((self.lora_A[name].weight, self.lora_B[name].weight, float(scaling),
+                             p, training))
+        return adapters or None
+
+
+def fused_lora_linear_class() -> type:
+    """FusedLoraLinear: a subclass of peft.tuners.lora.layer.Linear (created on first use,
+    since peft is imported lazily) that overrides forward only."""
+    global _fused_class
+    if _fused_class is None:
+        peft_linear, _ = _require_peft()
+        cls = type("FusedLoraLinear", (_FusedForward, peft_linear),
+                   {"__module__": __name__, "__doc__": _FusedForward.__doc__})
+        _fused_class = cls
+    return _fused_class
+
+
+def __getattr__(name: str):
+    # `lora_ext.accelerate.FusedLoraLinear` (used by pickle to find the class again)
+    if name == "FusedLoraLinear":
+        return fused_lora_linear_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _lora_linears(model: nn.Module):
+    peft_cls, _ = _require_peft()
+    FusedLoraLinear = fused_lora_linear_class()
+    plain, fused = [], []
+    for name, module in model.named_modules():
+        if type(module) is FusedLoraLinear:
+            fused.append((name, module))
+        elif type(module) is peft_cls:
+            plain.append((name, module))
+    return plain, fused
+
+
+def accelerate(model: nn.Module) -> nn.Module:
+    """Swap every peft.tuners.lora.layer.Linear in `model` for FusedLoraLinear, in place.
+
+    The layers keep their parameters, buffers, state_dict and hooks; only their forward
+    changes. Returns `model`. Calling it again swaps only layers added since (none: a
+    no-op). Logs (logger "lora_ext.accelerate", INFO) how many layers were swapped and
+    warns about layers whose present configuration will run PEFT's forward. Subclasses of
+    PEFT's Linear (other tuners' layers) are left alone.
+
+    Raises ValueError when `model` holds no PEFT LoRA Linear layer at all.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"accelerate: expected a torch.nn.Module (e.g. a peft.PeftModel), "
+                        f"got {type(model).__name__}")
+    plain, fused = _lora_linears(model)
+    if not plain and not fused:
+        raise ValueError("accelerate: the model has no peft.tuners.lora.layer.Linear layer; "
+                         "expected a model wrapped by peft.get_peft_model with a LoRA config "
+                         "targeting Linear (or transformers Conv1D) layers")
+    slow = {}
+    fused_cls = fused_lora_linear_class()
+    for name, module in plain:
+        module.__class__ = fused_cls
+    for name, module in plain + fused:
+        reason = _static_reason(module)
+        if reason is not None:
+            slow[name] = reason
+    logger.info("lora_ext.accelerate: swapped %d LoRA Linear layer(s) (%d already swapped)",
+                len(plain), len(fused))
+    if slow and plain:
+        examples = "; ".join(f"{n}: {r}" for n, r in list(slow.items())[:3])
+        warnings.warn(f"lora_ext.accelerate: {len(slow)} of {len(plain) + len(fused)} LoRA layers "
+                      f"will run PEFT's own forward in their present configuration ({examples}). "
+                      "For a bf16/fp16 base, pass autocast_adapter_dtype=False to "
+                      "peft.get_peft_model so the adapters share the base dtype.", stacklevel=2)
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo `accelerate`: every FusedLoraLinear in `model` becomes PEFT's Linear again.
+
+    Returns `model`; a model with nothing swapped is returned unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"restore: expected a torch.nn.Module, got {type(model).__name__}")
+    peft_cls, _ = _require_peft()
+    _, fused = _lora_linears(model)
+    for _, module in fused:
+        module.__class__ = peft_cls
+    logger.info("lora_ext.restore: restored %d LoRA Linear layer(s)", len(fused))
+    return model
+
+
+def accelerated_layers(model: nn.Module) -> list[str]:
+    """Qualified names of the layers of `model` that `accelerate` swapped."""
+    fused_cls = fused_lora_linear_class()
+    return [name for name, module in model.named_modules() if type(module) is fused_cls]
