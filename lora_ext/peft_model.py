@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,18 @@ class PeftModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         selected_adapters: list[str] | None = None, is_main_process: bool = True,
                         path_initial_model_for_weight_conversion: str | None = None, **kwargs: Any) -> None:
-        """adapter_config.json + adapter_model.safetensors per adapter; non-default ones in subfolders."""
+        """adapter_config.json + adapter_model.safetensors per adapter; non-default ones in subfolders.
+
+        path_initial_model_for_weight_conversion (PEFT's argument; `convert_pissa_to_lora` in
+        older PEFT): the folder saved right after a PiSSA/OLoRA initialisation. The adapter is
+        then written as a plain rank-2r LoRA adapter for the original, unmodified base model
+        (see init.convert_to_lora_state_dict).
+        """
+        legacy = kwargs.pop("convert_pissa_to_lora", None)
+        if legacy is not None:
+            warnings.warn("`convert_pissa_to_lora` is deprecated (as in PEFT); use "
+                          "`path_initial_model_for_weight_conversion` instead.", FutureWarning, stacklevel=2)
+            path_initial_model_for_weight_conversion = path_initial_model_for_weight_conversion or legacy
         directory = Path(save_directory)
         if directory.is_file():
             raise ValueError(f"Provided path ({str(directory)}) should be a directory, not a file")
@@ -197,10 +209,14 @@ class PeftModel(nn.Module):
                 atomic_write_bytes(output / WEIGHTS_NAME, buffer.getvalue())
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path") or None
+            auto_mapping = None
+            if config.task_type is None:  # as PEFT: lets AutoPeftModel find the base model class
+                base_class = type(self.get_base_model())
+                auto_mapping = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
             inference_mode = config.inference_mode
             config.inference_mode = True  # PEFT writes saved configs in inference mode
             try:
-                config.save_pretrained(output)
+                config.save_pretrained(output, auto_mapping_dict=auto_mapping)
             finally:
                 config.inference_mode = inference_mode
 
