@@ -188,7 +188,7 @@ class LoraModel(nn.Module):
     def inject_adapter(self, config: LoraConfig, adapter_name: str) -> None:
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another adapter_name "
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists; choose another adapter_name "
                              f"(existing: {sorted(self.peft_config)})")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a lora_ext.LoraConfig, got {type(config).__name__}")
@@ -366,7 +366,7 @@ class LoraModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} does not exist; existing adapters: {sorted(self.peft_config)}")
+            raise ValueError(f"Adapter {adapter_name} does not exist; existing adapters: {sorted(self.peft_config)}")
         for _, layer in self.lora_layers():
             if adapter_name in layer.merged_adapters:
                 raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")

@@ -249,7 +249,8 @@ class PeftModel(nn.Module):
                      subfolder: str | None = None, **kwargs: Any):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} is already loaded; choose another adapter_name")
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists; choose another adapter_name "
+                             f"(existing: {sorted(self.peft_config)})")
         directory = Path(model_id) / subfolder if subfolder else Path(model_id)
         config = LoraConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable

@@ -177,29 +177,54 @@ def assert_same_state(ours: nn.Module, theirs: nn.Module) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def peft_twin(kind: str, tmp_path: Path, seed: int = 3, adapter_name: str = "default", **config):
+def peft_twin(kind: str, tmp_path: Path, seed: int = 3, adapter_name: str = "default", base=None, **config):
     """A PEFT model with random adapters, saved, and lora-ext's model loaded from that folder."""
-    config.setdefault("target_modules", DEFAULT_TARGETS[kind])
+    base = base or BASES[kind]
+    config.setdefault("target_modules", DEFAULT_TARGETS.get(kind))
     config.setdefault("r", 4)
     config.setdefault("lora_alpha", 8)
-    theirs = peft.get_peft_model(BASES[kind](), peft.LoraConfig(**config), adapter_name=adapter_name)
+    theirs = peft.get_peft_model(base(), peft.LoraConfig(**config), adapter_name=adapter_name)
     randomize_adapters(theirs, seed)
     path = Path(tmp_path) / "peft"
     theirs.save_pretrained(path)
     sub = path if adapter_name == "default" else path / adapter_name
-    ours = lora_ext.PeftModel.from_pretrained(BASES[kind](), sub, adapter_name=adapter_name, is_trainable=True)
+    ours = lora_ext.PeftModel.from_pretrained(base(), sub, adapter_name=adapter_name, is_trainable=True)
     return ours, theirs, path
 
 
-def ours_twin(kind: str, tmp_path: Path, seed: int = 3, adapter_name: str = "default", **config):
+def ours_twin(kind: str, tmp_path: Path, seed: int = 3, adapter_name: str = "default", base=None, **config):
     """A lora-ext model with random adapters, saved, and PEFT's model loaded from that folder."""
-    config.setdefault("target_modules", DEFAULT_TARGETS[kind])
+    base = base or BASES[kind]
+    config.setdefault("target_modules", DEFAULT_TARGETS.get(kind))
     config.setdefault("r", 4)
     config.setdefault("lora_alpha", 8)
-    ours = lora_ext.get_peft_model(BASES[kind](), lora_ext.LoraConfig(**config), adapter_name=adapter_name)
+    ours = lora_ext.get_peft_model(base(), lora_ext.LoraConfig(**config), adapter_name=adapter_name)
     randomize_adapters(ours, seed)
     path = Path(tmp_path) / "ours"
     ours.save_pretrained(path)
     sub = path if adapter_name == "default" else path / adapter_name
-    theirs = peft.PeftModel.from_pretrained(BASES[kind](), sub, adapter_name=adapter_name, is_trainable=True)
+    theirs = peft.PeftModel.from_pretrained(base(), sub, adapter_name=adapter_name, is_trainable=True)
     return ours, theirs, path
+
+
+def check_both_ways(kind: str, tmp_path: Path, base=None, model_inputs: dict | None = None, grads: bool = True,
+                    **config):
+    """PEFT -> lora-ext and lora-ext -> PEFT: same files, counts, outputs and gradients.
+    Returns the (ours, theirs) pair of the second direction."""
+    model_inputs = model_inputs if model_inputs is not None else inputs(kind)
+    for direction, twin in (("from_peft", peft_twin), ("from_ours", ours_twin)):
+        folder = Path(tmp_path) / direction
+        ours, theirs, path = twin(kind, folder, base=base, **copy.deepcopy(config))
+        (ours if twin is peft_twin else theirs).save_pretrained(folder / "resaved")
+        if twin is peft_twin:
+            assert_same_files(folder / "resaved", path)
+        else:
+            assert_same_files(path, folder / "resaved")
+        assert type(ours).__name__ == type(theirs).__name__
+        assert_same_counts(ours, theirs)
+        ours.eval(), theirs.eval()
+        assert_same_numbers(ours, theirs, model_inputs, what=f"{direction} eval")
+        if grads:
+            ours.train(), theirs.train()
+            assert_same_numbers(ours, theirs, model_inputs, grads=True, what=f"{direction} train")
+    return ours, theirs
