@@ -120,7 +120,7 @@ def test_shape_mismatch_names_the_key_and_leaves_the_model(saver, tmp_path):
         peft.PeftModel.from_pretrained(tiny_llama(), path)
     base = tiny_llama()
     before = snapshot(base)
-    with pytest.raises(ValueError, match=r"lora_A.weight.*shape \(4, 64\).*expects \(8, 64\)"):
+    with pytest.raises(ValueError, match=r"lora_A.weight.*shape \(4, \d+\).*expects \(8, \d+\)"):
         lora_ext.PeftModel.from_pretrained(base, path)
     assert_unchanged(base, before)
 
