@@ -271,28 +271,73 @@ class PeftModel(nn.Module):
         set_peft_model_state_dict(self, saved, adapter_name)
 
 
+def _task_forward(model: PeftModel, task_ids: Any, named: dict[str, Any], kwargs: dict[str, Any]):
+    """Forward the arguments that were given (None means "not given", as in transformers)."""
+    if task_ids is not None:
+        raise ValueError("task_ids is for PEFT's prompt-learning methods; a LoRA model takes none")
+    return PeftModel.forward(model, **{k: v for k, v in named.items() if v is not None}, **kwargs)
+
+
+# The task classes spell out PEFT's forward signatures: transformers' Trainer keeps only the
+# dataset columns that the model's forward names (remove_unused_columns=True).
+
+
 class PeftModelForCausalLM(PeftModel):
-    pass
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, task_ids, dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict), kwargs)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
-    pass
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, task_ids, dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
 
 
 class PeftModelForSequenceClassification(PeftModel):
-    pass
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, task_ids, dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict), kwargs)
 
 
 class PeftModelForTokenClassification(PeftModel):
-    pass
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, task_ids, dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict), kwargs)
 
 
 class PeftModelForQuestionAnswering(PeftModel):
-    pass
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, task_ids, dict(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, start_positions=start_positions,
+            end_positions=end_positions, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
 
 
 class PeftModelForFeatureExtraction(PeftModel):
-    pass
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, task_ids, dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict), kwargs)
 
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType | None, type[PeftModel]] = {

@@ -249,3 +249,14 @@ def test_inference_mode_loads_frozen_in_both(tmp_path):
     assert_same_counts(frozen_ours, frozen_theirs)
     assert frozen_ours.peft_config["default"].inference_mode is True
     assert_same_files(tmp_path / "from_ours" / "ours", tmp_path / "from_ours" / "resaved")
+
+
+@pytest.mark.parametrize("task", ["CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION",
+                                  "QUESTION_ANS"])
+def test_task_model_forward_signatures_are_peft_s(task):
+    """transformers' Trainer drops the dataset columns a forward does not name."""
+    import inspect
+    name = {"CAUSAL_LM": "PeftModelForCausalLM", "SEQ_CLS": "PeftModelForSequenceClassification",
+            "TOKEN_CLS": "PeftModelForTokenClassification", "SEQ_2_SEQ_LM": "PeftModelForSeq2SeqLM",
+            "FEATURE_EXTRACTION": "PeftModelForFeatureExtraction", "QUESTION_ANS": "PeftModelForQuestionAnswering"}[task]
+    assert inspect.signature(getattr(lora_ext, name).forward) == inspect.signature(getattr(peft, name).forward)
