@@ -365,6 +365,10 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     return model_class(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
+# packages whose modules an adapter_config.json's auto_mapping may name (PEFT's default list)
+DEFAULT_IMPORT_ALLOWLIST = ("diffusers", "lerobot", "megatron-core", "transformers")
+
+
 class _AutoPeftModel:
     """Loads the base model named in adapter_config.json, then the adapter."""
 
@@ -373,21 +377,49 @@ class _AutoPeftModel:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: LoraConfig | None = None, **kwargs: Any) -> PeftModel:
+                        is_trainable: bool = False, config: LoraConfig | None = None,
+                        import_allowlist: list[str] | None = None, **kwargs: Any) -> PeftModel:
         config = config or LoraConfig.from_pretrained(pretrained_model_name_or_path)
         base_path = config.base_model_name_or_path
         if not base_path:
             raise ValueError(f"{str(pretrained_model_name_or_path)!r}: adapter_config.json names no "
                              "base_model_name_or_path, so the base model cannot be found")
+        base_class = cls._base_class(config, import_allowlist or list(DEFAULT_IMPORT_ALLOWLIST))
+        base = base_class.from_pretrained(base_path, revision=config.revision, **kwargs)
+        peft_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, cls._peft_class)
+        return peft_class.from_pretrained(base, pretrained_model_name_or_path, adapter_name=adapter_name,
+                                          is_trainable=is_trainable, config=config)
+
+    @classmethod
+    def _base_class(cls, config: LoraConfig, import_allowlist: list[str]):
+        """The base model class, by PEFT's rules (task type, or auto_mapping for AutoPeftModel)."""
         import transformers
-        auto_class = getattr(transformers, cls._auto_class_name)
-        base = auto_class.from_pretrained(base_path, revision=config.revision, **kwargs)
-        return cls._peft_class.from_pretrained(base, pretrained_model_name_or_path, adapter_name=adapter_name,
-                                               is_trainable=is_trainable, config=config)
+        task_type = config.task_type
+        if cls._auto_class_name:
+            expected = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task_type)
+            if expected is not None and expected is not cls._peft_class:
+                raise ValueError(f"Expected target PEFT class: {expected.__name__}, but you have asked for: "
+                                 f"{cls._peft_class.__name__} make sure that you are loading the correct model for "
+                                 "your task type.")
+            return getattr(transformers, cls._auto_class_name)
+        if task_type is not None:
+            raise ValueError("Cannot use `AutoPeftModel` with a task type, please use a specific class for your "
+                             "task type. (e.g. `AutoPeftModelForCausalLM` for `task_type='CAUSAL_LM'`)")
+        mapping = config.extra_fields.get("auto_mapping")
+        if not isinstance(mapping, dict) or not {"base_model_class", "parent_library"} <= mapping.keys():
+            raise ValueError("Cannot infer the auto class from the config, please make sure that you are loading "
+                             "the correct model for your task type.")
+        library = str(mapping["parent_library"])
+        if not any(library == allowed or library.startswith(f"{allowed}.") for allowed in import_allowlist):
+            raise ValueError(f"The auto mapping wants to import '{library}' which is not in the import allowlist. "
+                             "If you are sure that importing this library is safe, specify "
+                             f"`import_allowlist=['{library}']` in `from_pretrained()`.")
+        import importlib
+        return getattr(importlib.import_module(library), mapping["base_model_class"])
 
 
 class AutoPeftModel(_AutoPeftModel):
-    _auto_class_name = "AutoModel"
+    """For adapters without a task type: the base class comes from the config's auto_mapping."""
 
 
 class AutoPeftModelForCausalLM(_AutoPeftModel):

@@ -260,3 +260,46 @@ def test_task_model_forward_signatures_are_peft_s(task):
             "TOKEN_CLS": "PeftModelForTokenClassification", "SEQ_2_SEQ_LM": "PeftModelForSeq2SeqLM",
             "FEATURE_EXTRACTION": "PeftModelForFeatureExtraction", "QUESTION_ANS": "PeftModelForQuestionAnswering"}[task]
     assert inspect.signature(getattr(lora_ext, name).forward) == inspect.signature(getattr(peft, name).forward)
+
+
+@pytest.mark.parametrize("saver", ["peft", "ours"])
+def test_auto_peft_model_uses_the_auto_mapping_of_a_config_without_task_type(saver, tmp_path):
+    import json
+    tiny_llama().save_pretrained(tmp_path / "base")
+    lib = peft if saver == "peft" else lora_ext
+    model = lib.get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                               lib.LoraConfig(target_modules=["q_proj"]))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path / "adapter")
+    ours = lora_ext.AutoPeftModel.from_pretrained(tmp_path / "adapter")
+    theirs = peft.AutoPeftModel.from_pretrained(tmp_path / "adapter")
+    assert type(ours.get_base_model()) is type(theirs.get_base_model()) is LlamaForCausalLM
+    assert_same_numbers(ours, theirs, inputs("llama"), what="AutoPeftModel")
+    for auto in (lora_ext.AutoPeftModelForCausalLM, peft.AutoPeftModelForCausalLM):
+        auto.from_pretrained(tmp_path / "adapter")  # no task type: any task class may load it
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config["auto_mapping"]["parent_library"] = "os"
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    for auto in (lora_ext.AutoPeftModel, peft.AutoPeftModel):
+        with pytest.raises(ValueError, match="not in the import allowlist"):
+            auto.from_pretrained(tmp_path / "adapter")
+
+
+def test_auto_peft_model_class_must_fit_the_task_type(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = lora_ext.get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                    lora_ext.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "adapter")
+    for lib in (lora_ext, peft):
+        with pytest.raises(ValueError, match="Expected target PEFT class: PeftModelForCausalLM"):
+            lib.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
+        with pytest.raises(ValueError, match="Cannot use `AutoPeftModel` with a task type"):
+            lib.AutoPeftModel.from_pretrained(tmp_path / "adapter")
+
+
+def test_unload_equals_peft(tmp_path):
+    ours, theirs = check_both_ways("gpt2", tmp_path, grads=False, modules_to_save=["ln_f"])
+    base_ours, base_theirs = ours.unload(), theirs.unload()
+    assert type(base_ours) is type(base_theirs)
+    a, b = base_ours.state_dict(), base_theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
