@@ -14,6 +14,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassif
                           LlamaForTokenClassification, LlamaModel, T5Config, T5ForConditionalGeneration)
 
 import lora_ext
+from safetensors.torch import load_file
 from peft_twins import (BASES, VOCAB, assert_same_counts, assert_same_files, assert_same_numbers, check_both_ways,
                         inputs, randomize_adapters, run, tiny_llama)
 
@@ -303,3 +304,27 @@ def test_unload_equals_peft(tmp_path):
     assert type(base_ours) is type(base_theirs)
     a, b = base_ours.state_dict(), base_theirs.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind,targets", [("llama", ["embed_tokens", "q_proj"]), ("llama", ["lm_head", "v_proj"]),
+                                          ("gpt2", ["wte", "c_attn"]), ("llama", r".*(embed_tokens|q_proj)")])
+def test_targeted_embeddings_save_their_base_weights_as_peft(kind, targets, tmp_path):
+    """PEFT's save_embedding_layers="auto": a targeted embed_tokens/lm_head saves its base weight."""
+    ours, theirs = check_both_ways(kind, tmp_path, target_modules=targets)
+    saved = set(load_file(tmp_path / "from_ours" / "ours" / "adapter_model.safetensors"))
+    expected_base = {"llama": {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}}.get(kind, {})
+    for short, module in expected_base.items():
+        if short in str(targets):
+            assert f"base_model.model.{module}.base_layer.weight" in saved
+
+
+def test_resized_vocabulary_saves_both_embeddings_as_peft(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+
+    def base():
+        model = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+        model.resize_token_embeddings(VOCAB + 8)
+        return model
+    check_both_ways("llama", tmp_path, base=base, target_modules=["q_proj"], grads=False)
+    saved = set(load_file(tmp_path / "from_ours" / "ours" / "adapter_model.safetensors"))
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= saved
