@@ -266,3 +266,18 @@ def test_peft_from_pretrained_of_lora_ext_non_default_adapter(tmp_path):
     assert theirs.active_adapter == "mine"
     ours.eval(), theirs.eval()
     assert_same_numbers(ours, theirs, inputs("gpt2"), what="non-default adapter")
+
+
+@pytest.mark.parametrize("writer", ["peft", "ours"])
+def test_bin_adapters_cross_over(writer, tmp_path):
+    """safe_serialization=False: adapter_model.bin, read back with weights_only in lora-ext."""
+    lib = peft if writer == "peft" else lora_ext
+    model = lib.get_peft_model(BASES["gpt2"](), lib.LoraConfig(r=4, target_modules=["c_attn", "c_fc"]))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
+    ours = lora_ext.PeftModel.from_pretrained(BASES["gpt2"](), tmp_path)
+    theirs = peft.PeftModel.from_pretrained(BASES["gpt2"](), tmp_path)
+    assert_same_numbers(ours, theirs, inputs("gpt2"), what="bin")
+    if writer == "peft":
+        assert_same_numbers(ours, model.eval(), inputs("gpt2"), what="bin vs writer")
