@@ -212,13 +212,18 @@ class LoraConfig:
         extra = {k: v for k, v in values.items() if k not in known and k not in RUNTIME_FIELDS}
         return cls(**kwargs, extra_fields=extra)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, auto_mapping_dict: dict | None = None) -> None:
+        """Write adapter_config.json; auto_mapping_dict (PEFT's argument) names the base model
+        class for AutoPeftModel when the config has no task_type."""
         path = Path(save_directory)
         if path.is_file():
             raise ValueError(f"save_directory {str(path)!r} is a file, expected a directory")
         path.mkdir(parents=True, exist_ok=True)
         from .serialization import atomic_write_bytes
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        values = self.to_dict()
+        if auto_mapping_dict is not None:
+            values["auto_mapping"] = auto_mapping_dict
+        text = json.dumps(values, indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(path / CONFIG_NAME, text.encode())
 
     @classmethod

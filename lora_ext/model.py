@@ -188,7 +188,7 @@ class LoraModel(nn.Module):
     def inject_adapter(self, config: LoraConfig, adapter_name: str) -> None:
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another adapter_name "
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists; choose another adapter_name "
                              f"(existing: {sorted(self.peft_config)})")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a lora_ext.LoraConfig, got {type(config).__name__}")
@@ -352,24 +352,26 @@ class LoraModel(nn.Module):
                               "model would without adaption.")
         self._set_adapter_layers(False)
 
-    def _remove_adapter_everywhere(self, adapter_name: str) -> None:
+    def _remove_adapter_everywhere(self, adapter_name: str, unwrap: bool = True) -> None:
         for module in self.model.modules():
             if isinstance(module, (LoraLayer, ModulesToSaveWrapper)) and (
                     adapter_name in getattr(module, "r", {}) or adapter_name in getattr(module, "modules_to_save", {})):
                 module.delete_adapter(adapter_name)
-        # layers that now hold no adapter at all go back to their base module
+        if not unwrap:  # delete_adapter, as PEFT: emptied layers stay wrapped (same state_dict keys)
+            return
+        # (undoing a failed injection or load) layers that now hold no adapter go back to their base module
         for key, module in list(self.model.named_modules()):
             if isinstance(module, LoraLayer) and not module.r:
                 self._replace(key, module.base_layer)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} does not exist; existing adapters: {sorted(self.peft_config)}")
+            raise ValueError(f"Adapter {adapter_name} does not exist; existing adapters: {sorted(self.peft_config)}")
         for _, layer in self.lora_layers():
             if adapter_name in layer.merged_adapters:
                 raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")
         del self.peft_config[adapter_name]
-        self._remove_adapter_everywhere(adapter_name)
+        self._remove_adapter_everywhere(adapter_name, unwrap=False)
         remaining = [n for n in self.active_adapters if n != adapter_name] or list(self.peft_config)[:1]
         if remaining:
             self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
