@@ -13,8 +13,13 @@ forward + backward with x requiring grad, W frozen, lora_A/lora_B trainable), ti
 CUDA events on a GPU and perf_counter on the CPU. Reported: median and IQR of the samples,
 and every sample in the JSON. torch's thread count is left as it is, and recorded.
 
+Throughput: a family that gives the work of a step (Family.work: FLOPs and least bytes moved)
+gets achieved TFLOP/s and GB/s per contestant in the JSON, and on a GPU listed in
+DEVICE_PEAKS their share of that GPU's datasheet peak, shown in the table for ours.
+
 Public pieces: FAMILIES / register_family / get_family, Case, Contestant, Runner,
-build_runner, run_benchmark, format_table, write_json, write_png, add_arguments, main.
+build_runner, run_benchmark, format_table, format_markdown, write_json, write_png,
+write_markdown, write_outputs, DEVICE_PEAKS / device_peaks, add_arguments, main.
 """
 from __future__ import annotations
 
@@ -127,6 +132,10 @@ class Family:
     ratios: tuple[tuple[str, str, str], ...]        # (column, numerator, denominator)
     check: Callable[[Case, Any, str, torch.Tensor], float | None] | None = None  # -> rel. error
     tolerance: Callable[[Case], float] = lambda case: 0.0
+    # The work of one step, the same for every contestant: {"flops": ..., "bytes": ...} (bytes:
+    # the least memory traffic, each operand read or written once per pass). Gives achieved
+    # FLOP/s and bandwidth, and their share of the device's peak (DEVICE_PEAKS).
+    work: Callable[[Case], Mapping[str, float]] | None = None
 
     def contestant(self, name: str) -> Contestant:
         for c in self.contestants:
@@ -297,6 +306,9 @@ def run_case(family: Family, case: Case, device: torch.device, names: Sequence[s
     for name in order:
         record["measurements"][name] = summarize(samples[name])
     record["ratios"] = case_ratios(family, record["measurements"])
+    if family.work is not None:
+        record["work"] = dict(family.work(case))
+        add_throughput(record, peaks_for(device, case.dtype))
     del runners, inputs
     gc.collect()
     if device.type == "cuda":
@@ -312,6 +324,84 @@ def case_ratios(family: Family, measurements: Mapping[str, Mapping]) -> dict:
         else:
             out[column] = None
     return out
+
+
+# ---------------------------------------------------------------- throughput vs device peak
+
+# Vendor datasheet peaks (dense, no sparsity, boost clocks): memory bandwidth in GB/s and
+# TFLOP/s per dtype ("tf32" = float32 matmuls with TF32 allowed; float32 = CUDA cores).
+# First pattern that matches torch.cuda.get_device_name() (lower-cased) wins: specific first.
+DEVICE_PEAKS: tuple[tuple[str, str, dict], ...] = (
+    (r"gh200", "GH200 (H200 SXM figures)", {"gbps": 4800, "float64": 67, "float32": 67, "tf32": 494.5,
+                                            "bfloat16": 989.5, "float16": 989.5}),
+    (r"h200", "H200 SXM", {"gbps": 4800, "float64": 67, "float32": 67, "tf32": 494.5,
+                           "bfloat16": 989.5, "float16": 989.5}),
+    (r"h100.*nvl", "H100 NVL", {"gbps": 3900, "float64": 60, "float32": 60, "tf32": 417.5,
+                                "bfloat16": 835, "float16": 835}),
+    (r"h100.*pcie", "H100 PCIe", {"gbps": 2000, "float64": 51, "float32": 51, "tf32": 378,
+                                  "bfloat16": 756, "float16": 756}),
+    (r"h100", "H100 SXM", {"gbps": 3350, "float64": 67, "float32": 67, "tf32": 494.5,
+                           "bfloat16": 989.5, "float16": 989.5}),
+    (r"a100.*80gb.*pcie|a100.*pcie.*80gb", "A100 80GB PCIe", {"gbps": 1935, "float64": 19.5,
+     "float32": 19.5, "tf32": 156, "bfloat16": 312, "float16": 312}),
+    (r"a100.*80gb", "A100 80GB SXM", {"gbps": 2039, "float64": 19.5, "float32": 19.5, "tf32": 156,
+                                      "bfloat16": 312, "float16": 312}),
+    (r"a100", "A100 40GB", {"gbps": 1555, "float64": 19.5, "float32": 19.5, "tf32": 156,
+                            "bfloat16": 312, "float16": 312}),
+    (r"b200", "B200", {"gbps": 8000, "float64": 40, "float32": 80, "tf32": 1100, "bfloat16": 2250,
+                       "float16": 2250}),
+    (r"l40s", "L40S", {"gbps": 864, "float64": 1.4, "float32": 91.6, "tf32": 183, "bfloat16": 362,
+                       "float16": 362}),
+    (r"l40\b", "L40", {"gbps": 864, "float64": 1.4, "float32": 90.5, "tf32": 90.5, "bfloat16": 181,
+                       "float16": 181}),
+    (r"\bl4\b", "L4", {"gbps": 300, "float64": 0.49, "float32": 30.3, "tf32": 60, "bfloat16": 121,
+                      "float16": 121}),
+    (r"\ba10\b", "A10", {"gbps": 600, "float64": 0.98, "float32": 31.2, "tf32": 62.5, "bfloat16": 125,
+                        "float16": 125}),
+    (r"rtx 4090", "GeForce RTX 4090", {"gbps": 1008, "float64": 1.3, "float32": 82.6, "tf32": 82.6,
+                                       "bfloat16": 165.2, "float16": 165.2}),
+    (r"\bt4\b", "T4", {"gbps": 320, "float64": 0.25, "float32": 8.1, "float16": 65}),
+)
+
+
+def device_peaks(name: str) -> dict | None:
+    """Peak figures for a GPU name, e.g. "NVIDIA H200" -> {"model": "H200 SXM", "gbps": 4800, ...}."""
+    lowered = name.lower()
+    for pattern, model, peaks in DEVICE_PEAKS:
+        if re.search(pattern, lowered):
+            return {"model": model, **peaks}
+    return None
+
+
+def peaks_for(device: torch.device, dtype: str) -> dict | None:
+    """{"model", "gbps", "tflops"} for a case's dtype on this device; None off the GPU table."""
+    if device.type != "cuda":
+        return None
+    peaks = device_peaks(torch.cuda.get_device_name(device))
+    if peaks is None:
+        return None
+    key = "tf32" if dtype == "float32" and torch.backends.cuda.matmul.allow_tf32 else dtype
+    return {"model": peaks["model"], "gbps": peaks["gbps"], "tflops": peaks.get(key), "tflops_dtype": key}
+
+
+def add_throughput(record: dict, peaks: Mapping | None) -> None:
+    """Achieved TFLOP/s and GB/s of each measured contestant (from medians), and % of peak."""
+    work = record["work"]
+    for m in record["measurements"].values():
+        seconds = m["median_ms"] / 1e3
+        if seconds <= 0:
+            continue
+        if work.get("flops"):
+            m["tflops"] = work["flops"] / seconds / 1e12
+        if work.get("bytes"):
+            m["gbps"] = work["bytes"] / seconds / 1e9
+        if peaks:
+            if peaks.get("tflops") and "tflops" in m:
+                m["pct_peak_flops"] = 100.0 * m["tflops"] / peaks["tflops"]
+            if peaks.get("gbps") and "gbps" in m:
+                m["pct_peak_bandwidth"] = 100.0 * m["gbps"] / peaks["gbps"]
+    if peaks:
+        record["peak"] = dict(peaks)
 
 
 # ---------------------------------------------------------------- environment facts
@@ -486,44 +576,67 @@ def _fmt_ratio(r: float | None) -> str:
     return "n/a" if r is None else f"{r:.2f}x"
 
 
-def format_table(doc: Mapping) -> str:
-    """The summary table of a result document, as text."""
-    env, cfg = doc["environment"], doc["config"]
+def _fmt_pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f}%"
+
+
+def _show_throughput(doc: Mapping) -> bool:
+    """Throughput columns in the table: on a GPU, when the family gives the work of a step."""
+    return doc["environment"].get("device_type") == "cuda" and any("work" in r for r in doc["results"])
+
+
+def table_rows(doc: Mapping) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the summary table (shared by the text and markdown tables)."""
     labels = {name: c["label"] for name, c in doc["contestants"].items()}
-    names = [n for n in cfg["contestants"] if n in labels]
+    names = [n for n in doc["config"]["contestants"] if n in labels]
     ratio_cols = [r["column"] for r in doc["ratios"]]
-    header = ["dtype", "in x out", "tokens", "r", "dropout"] + [f"{labels[n]} ms" for n in names] \
-        + ratio_cols
+    extras = any(res["case"].get("extra") for res in doc["results"])
+    ours = next((n for n in names if labels[n] == "ours"), None)
+    throughput = _show_throughput(doc) and ours is not None
+    header = ["dtype", "in x out"] + (["params"] if extras else []) + ["tokens", "r", "dropout"] \
+        + [f"{labels[n]} ms" for n in names] + ratio_cols
+    if throughput:
+        header += ["ours TFLOP/s", "% peak FLOP/s", "ours GB/s", "% peak GB/s"]
     rows = []
     for res in doc["results"]:
         c = res["case"]
-        row = [DTYPE_SHORT.get(c["dtype"], c["dtype"]), f"{c['in_features']}x{c['out_features']}",
-               str(c["tokens"]), str(c["r"]), f"{c['dropout']:g}"]
+        row = [DTYPE_SHORT.get(c["dtype"], c["dtype"]), f"{c['in_features']}x{c['out_features']}"]
+        if extras:
+            row.append(" ".join(f"{k}={v}" for k, v in (c.get("extra") or {}).items()) or "-")
+        row += [str(c["tokens"]), str(c["r"]), f"{c['dropout']:g}"]
         row += [_fmt_ms(res["measurements"].get(n)) for n in names]
         row += [_fmt_ratio(res["ratios"].get(col)) for col in ratio_cols]
+        if throughput:
+            m = res["measurements"].get(ours) or {}
+            row += ["n/a" if "tflops" not in m else f"{m['tflops']:.1f}", _fmt_pct(m.get("pct_peak_flops")),
+                    "n/a" if "gbps" not in m else f"{m['gbps']:.0f}", _fmt_pct(m.get("pct_peak_bandwidth"))]
         rows.append(row)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    left = 2   # dtype and shape left-aligned, numbers right-aligned
+    return header, rows
 
-    def line(cells):
-        return "  ".join(cell.ljust(w) if i < left else cell.rjust(w)
-                         for i, (cell, w) in enumerate(zip(cells, widths)))
+
+def _headline(doc: Mapping) -> list[str]:
+    env, cfg = doc["environment"], doc["config"]
     threads = env.get("torch_num_threads")
-    out = [
+    lines = [
         f"lora-ext bench  family={doc['family']}  {doc['measures']}",
         f"device {env['device']} ({env['device_name']}), torch {env['torch_version']}, "
         f"lora_ext {env['lora_ext_version']}, {threads} torch threads / {env['cpu_count']} CPUs, "
-        f"commit {(env.get('git_commit') or 'n/a')[:12]}{'+dirty' if env.get('git_dirty') else ''}",
+        f"commit {(env.get('git_commit') or 'n/a')[:12]}{'+dirty' if env.get('git_dirty') else ''}, "
+        f"{env.get('date_utc', '')}",
         f"times: median ±IQR in ms over {cfg['repeats']} repeats (after {cfg['warmup']} warm-up), "
         "contestants interleaved; ratios are of medians (x/base < 1 is faster than base; "
         "speedup > 1 means ours is faster)",
-        "",
-        line(header),
-        line(["-" * w for w in widths]),
-        *(line(r) for r in rows),
-        "",
     ]
-    out += [f"  {labels[n]:>6} = {doc['contestants'][n]['description']}" for n in names]
+    if _show_throughput(doc):
+        peak = next((r["peak"] for r in doc["results"] if r.get("peak")), None)
+        lines.append("throughput of ours: FLOPs and least bytes moved per step / median time; "
+                     + (f"% of the {peak['model']} datasheet peak (dense)" if peak
+                        else "no peak figures for this GPU (DEVICE_PEAKS)"))
+    return lines
+
+
+def _notes(doc: Mapping) -> list[str]:
+    env = doc["environment"]
     notes = []
     for res in doc["results"]:
         for name, why in res.get("skipped", {}).items():
@@ -537,10 +650,52 @@ def format_table(doc: Mapping) -> str:
         notes.append(f"other processes used {100 * share:.0f}% of all CPU time during the run: "
                      "they compete for the cores, so CPU timings are noisy")
     seen = set()
-    notes = [n for n in notes if not (n in seen or seen.add(n))]
+    return [n for n in notes if not (n in seen or seen.add(n))]
+
+
+def format_table(doc: Mapping) -> str:
+    """The summary table of a result document, as text."""
+    header, rows = table_rows(doc)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    left = 2   # dtype and shape left-aligned, numbers right-aligned
+
+    def line(cells):
+        return "  ".join(cell.ljust(w) if i < left else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths)))
+    labels = {name: c["label"] for name, c in doc["contestants"].items()}
+    names = [n for n in doc["config"]["contestants"] if n in labels]
+    out = [*_headline(doc), "", line(header), line(["-" * w for w in widths]), *(line(r) for r in rows), ""]
+    out += [f"  {labels[n]:>6} = {doc['contestants'][n]['description']}" for n in names]
+    notes = _notes(doc)
     if notes:
         out += ["", "notes:"] + [f"  {n}" for n in notes]
     return "\n".join(out)
+
+
+def format_markdown(doc: Mapping) -> str:
+    """The summary table as GitHub markdown (README-ready), with its headline and notes."""
+    header, rows = table_rows(doc)
+
+    def line(cells):
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    align = ["---" if i < 2 else "---:" for i in range(len(header))]
+    labels = {name: c["label"] for name, c in doc["contestants"].items()}
+    names = [n for n in doc["config"]["contestants"] if n in labels]
+    out = [f"### {doc['family']}: {doc['measures']}", ""]
+    out += [f"{h}  " for h in _headline(doc)[1:]] + [""]
+    out += [line(header), line(align), *(line(r) for r in rows), ""]
+    out += [f"- **{labels[n]}**: {doc['contestants'][n]['description']}" for n in names]
+    notes = _notes(doc)
+    if notes:
+        out += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+def write_markdown(doc: Mapping, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(format_markdown(doc))
+    return path
 
 
 def write_json(doc: Mapping, path: str | Path) -> Path:
@@ -639,8 +794,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `lora-ext bench`."""
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="device to time on (default: cuda if available, else cpu)")
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="lora",
-                        help="kernel family to benchmark (default: lora)")
+    parser.add_argument("--family", type=_csv(str), default=None, metavar="NAME[,NAME]|all",
+                        help=f"kernel families to benchmark, one after the other: "
+                             f"{', '.join(sorted(FAMILIES))} or all (default: lora)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="preset", action="store_const", const="quick",
                       help="small grid (in/out 1024, 2048), the default")
@@ -666,6 +822,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cuda 50)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed calls per contestant first (default: cpu 2, cuda 10)")
+    parser.add_argument("--output", "-o", default=None, metavar="DIR",
+                        help="write each family's results to DIR: <family>-<device>-<date>.json, "
+                             ".png (chart) and .md (markdown table)")
     parser.add_argument("--out-json", default=None, metavar="PATH",
                         help="JSON results path (default: benchmarks/results/ in a checkout, else "
                              "the current directory; the name holds family, device and date)")
@@ -674,24 +833,73 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def family_names(requested: Sequence[str] | None) -> list[str]:
+    """--family values -> registered family names ("all" = every family, registry order)."""
+    names: list[str] = []
+    for name in requested or ["lora"]:
+        for n in (list(FAMILIES) if name == "all" else [name]):
+            get_family(n)                      # ValueError naming the choices
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def write_outputs(doc: Mapping, device: torch.device, *, output: str | Path | None = None,
+                  json_path: str | Path | None = None, png_path: str | Path | None = None) -> dict:
+    """JSON, PNG and markdown of one family's run; returns {"json", "png", "md"} paths (png None
+    without matplotlib). Default place: `output`, else benchmarks/results/ of a checkout, else cwd."""
+    stem = default_output_stem(doc["family"], device)
+    out_dir = Path(output) if output else default_output_dir()
+    paths = {"json": write_json(doc, json_path or out_dir / f"{stem}.json")}
+    paths["png"] = write_png(doc, png_path or out_dir / f"{stem}.png")
+    paths["md"] = write_markdown(doc, Path(paths["json"]).with_suffix(".md"))
+    return paths
+
+
 def main(args: argparse.Namespace, *, cases: Sequence[Case] | None = None) -> int:
     """`lora-ext bench`. `cases` replaces the preset grid (used by tests for tiny sizes)."""
-    family = get_family(getattr(args, "family", None) or "lora")
+    requested = getattr(args, "family", None)
+    if isinstance(requested, str):
+        requested = [requested]
+    try:
+        families = [get_family(n) for n in family_names(requested)]
+    except ValueError as error:
+        print(f"lora-ext bench: {error} (or all)", file=sys.stderr)
+        return 2
+    if cases is not None:
+        families = [get_family(cases[0].family)] if cases else families[:1]
+    if len(families) > 1 and (getattr(args, "out_json", None) or getattr(args, "out_png", None)):
+        print("lora-ext bench: --out-json/--out-png name one file; with several families use "
+              "--output DIR", file=sys.stderr)
+        return 2
     dev_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev_name == "cuda" and not torch.cuda.is_available():
         print("lora-ext bench: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
     device = torch.device(dev_name)
     preset = getattr(args, "preset", None) or "quick"
+    status = 0
+    for family in families:
+        code = _run_family(family, args, device, preset, cases)
+        status = status or code
+    return status
+
+
+def _run_family(family: Family, args: argparse.Namespace, device: torch.device, preset: str,
+                cases: Sequence[Case] | None) -> int:
     if cases is None:
         dtypes = [d for group in args.dtype for d in group] if args.dtype else None
-        cases = family.cases(preset, features=args.features, tokens=args.tokens, ranks=args.rank,
-                             dropouts=args.dropout, dtypes=dtypes)
+        try:
+            cases = family.cases(preset, features=args.features, tokens=args.tokens, ranks=args.rank,
+                                 dropouts=args.dropout, dtypes=dtypes)
+        except (TypeError, ValueError) as error:
+            print(f"lora-ext bench: family {family.name}: {error}", file=sys.stderr)
+            return 2
     elif args.dtype:
         wanted = {d for group in args.dtype for d in group}
         cases = [c for c in cases if c.dtype in wanted]
     if not cases:
-        print("lora-ext bench: no cases to run", file=sys.stderr)
+        print(f"lora-ext bench: family {family.name}: no cases to run", file=sys.stderr)
         return 2
     repeats = args.repeats or DEFAULT_REPEATS.get((device.type, preset), 15)
     warmup = args.warmup if args.warmup is not None else DEFAULT_WARMUP.get(device.type, 3)
@@ -703,10 +911,9 @@ def main(args: argparse.Namespace, *, cases: Sequence[Case] | None = None) -> in
         print(f"lora-ext bench: {error}", file=sys.stderr)
         return 2
     print(format_table(doc))
-    stem = default_output_stem(family.name, device)
-    out_dir = default_output_dir()
-    json_path = write_json(doc, args.out_json or out_dir / f"{stem}.json")
-    print(f"\nJSON: {json_path}")
-    png_path = write_png(doc, args.out_png or out_dir / f"{stem}.png")
-    print(f"PNG:  {png_path}" if png_path else "PNG:  skipped (matplotlib is not installed)")
+    paths = write_outputs(doc, device, output=getattr(args, "output", None),
+                          json_path=args.out_json, png_path=args.out_png)
+    print(f"\nJSON: {paths['json']}")
+    print(f"PNG:  {paths['png']}" if paths["png"] else "PNG:  skipped (matplotlib is not installed)")
+    print(f"MD:   {paths['md']}\n")
     return 0
