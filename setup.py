@@ -8,7 +8,9 @@ to lora_ext/_build_info.py so that `lora-ext info` can print them.
 A compiled extension only loads with the torch series (major.minor) it was built against,
 so the package version carries the build in its local part, e.g. 0.1.0+cu130torch2.14 or
 0.1.0+cputorch2.14, and the package requires that series (torch>=2.14,<2.15).
-LORA_EXT_LOCAL_VERSION overrides the local part ("" for none).
+LORA_EXT_LOCAL_VERSION overrides the local part ("" for none). LORA_EXT_SDIST=1 (set by
+scripts/build_wheel.sh for the sdist) makes the metadata build-neutral: version 0.1.0 and
+torch>=2.6; the wheel built from the sdist pins the series of the torch it is built with.
 """
 import os
 import platform
@@ -51,8 +53,14 @@ def torch_requirement(version: str) -> str:
     return f"torch>={low},<{major}.{minor + 1}"
 
 
+SDIST = os.environ.get("LORA_EXT_SDIST", "0") == "1"
+MIN_TORCH = "torch>=2.6"
+
+
 def local_version(with_cuda: bool) -> str:
     """cu130torch2.14 / cputorch2.14 (LORA_EXT_LOCAL_VERSION replaces it)."""
+    if SDIST:
+        return ""
     if "LORA_EXT_LOCAL_VERSION" in os.environ:
         return os.environ["LORA_EXT_LOCAL_VERSION"]
     major, minor = torch_series(torch.__version__)
@@ -108,7 +116,8 @@ def extension(with_cuda: bool):
         # torch reads it when it compiles the .cu files; unset, it would target only the
         # visible GPUs (or fail without one)
         os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(torch.version.cuda)
-    write_build_info(with_cuda)
+    if not SDIST:  # an sdist carries no build facts (and must not overwrite a built tree's)
+        write_build_info(with_cuda)
     # One orchestration file per family in csrc/, its CPU kernels in csrc/cpu/ and its
     # CUDA kernels in csrc/cuda/: new families join the build by adding files.
     sources = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("csrc/*.cpp"), *ROOT.glob("csrc/cpu/*.cpp")])
@@ -130,7 +139,7 @@ WITH_CUDA = want_cuda()
 
 setup(
     version=full_version(WITH_CUDA),
-    install_requires=[torch_requirement(torch.__version__), "numpy"],
+    install_requires=[MIN_TORCH if SDIST else torch_requirement(torch.__version__), "numpy"],
     ext_modules=[extension(WITH_CUDA)],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

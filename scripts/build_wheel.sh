@@ -42,8 +42,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 echo "== sdist"
-# the sdist is version-neutral (0.1.0): the local part belongs to a wheel's build
-sdist=$(cd "$ROOT" && LORA_EXT_LOCAL_VERSION="" FORCE_CUDA=0 "$PYTHON" -c \
+# the sdist is build-neutral (0.1.0, torch>=2.6): the local part and the torch series belong
+# to a wheel's build
+sdist=$(cd "$ROOT" && LORA_EXT_SDIST=1 FORCE_CUDA=0 "$PYTHON" -c \
   "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))" "$OUTDIR" \
   2> "$work/sdist.log" | tail -n 1) || { cat "$work/sdist.log" >&2; exit 1; }
 echo "$OUTDIR/$sdist"
