@@ -56,6 +56,14 @@ def source_modules(root: Path = ROOT) -> set[str]:
             if "__pycache__" not in p.parts and p.name != "_build_info.py"}
 
 
+def _same_requirement(a: str, b: str) -> bool:
+    """'torch<2.15,>=2.14' == 'torch>=2.14,<2.15' (same name, same set of specifiers)."""
+    def split(req: str):
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(.*)", req.replace(" ", ""))
+        return (m.group(1).lower(), frozenset(filter(None, m.group(2).split(",")))) if m else (req, None)
+    return ";" not in a and split(a) == split(b)
+
+
 def readelf(args: list[str], path: Path) -> str:
     return subprocess.run(["readelf", *args, str(path)], capture_output=True, text=True,
                           check=True).stdout
@@ -156,7 +164,7 @@ def check(wheel: Path) -> tuple[dict, list[str]]:
             device = ("cu" + info["cuda_version"].replace(".", "")) if info.get("with_cuda") else "cpu"
             if not version.endswith(f"+{device}torch{series}"):
                 problems.append(f"version {version} lacks the local part +{device}torch{series}")
-            if not any(r.replace(" ", "") == info["torch_requirement"] for r in requires):
+            if not any(_same_requirement(r, info["torch_requirement"]) for r in requires):
                 problems.append(f"Requires-Dist {requires} lacks {info['torch_requirement']}")
         else:
             problems.append("no BUILD_INFO in lora_ext/_build_info.py")
