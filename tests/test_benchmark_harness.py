@@ -237,3 +237,21 @@ def test_family_selection():
     args = _parse(["--family", "all", "--device", "cpu", "--out-json", "x.json"])
     if len(harness.FAMILIES) > 1:
         assert harness.main(args) == 2
+
+
+def test_time_budget_cuts_repeats_but_keeps_a_minimum():
+    fam = harness.get_family("lora")
+    cases = fam.cases("quick", features=(32, 48), tokens=8, dtypes=("float32",), dropouts=(0.0,))
+    doc = harness.run_benchmark("lora", cases, device="cpu", repeats=10, warmup=1,
+                                contestants=["base", "lora_ext"], progress=False, max_seconds=1e-6)
+    for res in doc["results"]:
+        assert res["stopped_early"]["repeats"] == harness.MIN_REPEATS
+        assert all(m["n"] == harness.MIN_REPEATS for m in res["measurements"].values())
+    assert "fewer repeats" in harness.format_table(doc)
+    full = harness.run_benchmark("lora", cases[:1], device="cpu", repeats=4, warmup=0,
+                                 contestants=["base", "lora_ext"], progress=False, max_seconds=None)
+    assert "stopped_early" not in full["results"][0]
+    assert all(m["n"] == 4 for m in full["results"][0]["measurements"].values())
+    # the command line: --quick on a cpu has a budget unless --max-seconds 0
+    assert _parse(["--max-seconds", "0"]).max_seconds == 0
+    assert harness.DEFAULT_BUDGET_S[("cpu", "quick")] <= 100

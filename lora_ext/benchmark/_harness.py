@@ -52,6 +52,12 @@ DTYPE_ALIASES = {
 }
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
+# Time budget of a whole run when not given (--max-seconds): (device type, preset) -> s.
+# `--quick` on a CPU must stay short even on a slow or busy machine: cases then take fewer
+# repeats (never fewer than MIN_REPEATS), and the table says so.
+DEFAULT_BUDGET_S = {("cpu", "quick"): 90.0}
+MIN_REPEATS = 3
+
 # Defaults for repeats/warm-up when not given: (device type, preset) -> count.
 DEFAULT_REPEATS = {("cpu", "quick"): 12, ("cpu", "full"): 8, ("cuda", "quick"): 50, ("cuda", "full"): 50}
 DEFAULT_WARMUP = {"cpu": 2, "cuda": 10}
@@ -252,8 +258,13 @@ class _Progress:
 
 
 def run_case(family: Family, case: Case, device: torch.device, names: Sequence[str], repeats: int,
-             warmup: int, progress: _Progress | None = None) -> dict:
-    """Time the named contestants on one case, interleaved round-robin. Returns the case record."""
+             warmup: int, progress: _Progress | None = None, budget_s: float | None = None) -> dict:
+    """Time the named contestants on one case, interleaved round-robin. Returns the case record.
+
+    budget_s: once the case has taken this long (set-up included), stop after the current
+    round, keeping at least MIN_REPEATS timed rounds; the record says how many were taken.
+    """
+    started = time.perf_counter()
     record: dict = {"case": case.as_dict(), "measurements": {}, "skipped": {}, "check": {}, "info": {}}
     inputs = family.make_inputs(case, device)
     runners: dict[str, Runner] = {}
@@ -300,6 +311,13 @@ def run_case(family: Family, case: Case, device: torch.device, names: Sequence[s
                     samples[name].append(ms)
                 if progress:
                     progress.update(1)
+            timed = rep + 1 - warmup
+            if budget_s is not None and timed >= min(MIN_REPEATS, repeats) and rep + 1 < per_contestant \
+                    and time.perf_counter() - started > budget_s:
+                record["stopped_early"] = {"repeats": timed, "budget_s": round(budget_s, 2)}
+                if progress:
+                    progress.update((per_contestant - rep - 1) * len(order))
+                break
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -522,8 +540,12 @@ def environment(device: torch.device) -> dict:
 
 def run_benchmark(family: Family | str, cases: Sequence[Case], device: str | torch.device = "cpu",
                   repeats: int = 15, warmup: int = 3, contestants: Sequence[str] | None = None,
-                  progress: bool = True, config: Mapping | None = None) -> dict:
-    """Run every case; returns the full result document (what write_json writes)."""
+                  progress: bool = True, config: Mapping | None = None,
+                  max_seconds: float | None = None) -> dict:
+    """Run every case; returns the full result document (what write_json writes).
+
+    max_seconds: a budget for the whole run, shared out over the cases still to run (a case
+    that finishes early leaves its time to the others); None = no budget."""
     family = get_family(family) if isinstance(family, str) else family
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -541,6 +563,7 @@ def run_benchmark(family: Family | str, cases: Sequence[Case], device: str | tor
         "config": {"repeats": repeats, "warmup": warmup, "contestants": names,
                    "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
                    "order": "round-robin over repeats, rotating first contestant",
+                   "max_seconds": max_seconds,
                    **(config or {})},
         "contestants": {c.name: {"label": c.label, "description": c.description}
                         for c in family.contestants if c.name in names},
@@ -549,10 +572,14 @@ def run_benchmark(family: Family | str, cases: Sequence[Case], device: str | tor
     }
     bar = _Progress(len(cases) * len(names) * (warmup + repeats), progress, len(cases))
     counters = _cpu_counters()
+    started = time.perf_counter()
     try:
-        for case in cases:
+        for i, case in enumerate(cases):
             bar.case(case.id)
-            doc["results"].append(run_case(family, case, device, names, repeats, warmup, bar))
+            budget = None
+            if max_seconds:
+                budget = max(0.0, max_seconds - (time.perf_counter() - started)) / (len(cases) - i)
+            doc["results"].append(run_case(family, case, device, names, repeats, warmup, bar, budget))
     finally:
         bar.close()
     doc["environment"]["loadavg_end"] = _loadavg()
@@ -645,6 +672,12 @@ def _notes(doc: Mapping) -> list[str]:
             if not chk["ok"]:
                 notes.append(f"{res['case']['id']}: {name} output differs from the reference: "
                              f"max rel. error {chk['max_rel_err']:.3g} > {chk['tolerance']:.3g}")
+    short = [res for res in doc["results"] if res.get("stopped_early")]
+    if short:
+        fewest = min(res["stopped_early"]["repeats"] for res in short)
+        notes.append(f"{len(short)} of {len(doc['results'])} cases took fewer repeats (down to "
+                     f"{fewest}) to keep within the {doc['config'].get('max_seconds'):g} s budget "
+                     "(--max-seconds; 0 = none)")
     share = env.get("other_processes_cpu_share")
     if env.get("device_type") == "cpu" and share is not None and share > 0.05:
         notes.append(f"other processes used {100 * share:.0f}% of all CPU time during the run: "
@@ -830,6 +863,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the current directory; the name holds family, device and date)")
     parser.add_argument("--out-png", default=None, metavar="PATH",
                         help="PNG chart path (same default place; skipped without matplotlib)")
+    parser.add_argument("--max-seconds", type=float, default=None, metavar="S",
+                        help="time budget of a run: cases take fewer repeats (at least "
+                             f"{MIN_REPEATS}) to keep within it (default: 90 for --quick on cpu, "
+                             "else none; 0 = none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -903,10 +940,14 @@ def _run_family(family: Family, args: argparse.Namespace, device: torch.device, 
         return 2
     repeats = args.repeats or DEFAULT_REPEATS.get((device.type, preset), 15)
     warmup = args.warmup if args.warmup is not None else DEFAULT_WARMUP.get(device.type, 3)
+    max_seconds = getattr(args, "max_seconds", None)
+    if max_seconds is None:
+        max_seconds = DEFAULT_BUDGET_S.get((device.type, preset))
     try:
         doc = run_benchmark(family, cases, device, repeats=repeats, warmup=warmup,
                             contestants=args.contestants, progress=not args.no_progress,
-                            config={"preset": preset, "argv": sys.argv})
+                            config={"preset": preset, "argv": sys.argv},
+                            max_seconds=max_seconds or None)
     except (KeyError, ValueError) as error:
         print(f"lora-ext bench: {error}", file=sys.stderr)
         return 2
