@@ -60,7 +60,8 @@ MIN_REPEATS = 3
 
 # Defaults for repeats/warm-up when not given: (device type, preset) -> count.
 DEFAULT_REPEATS = {("cpu", "quick"): 12, ("cpu", "full"): 8, ("cuda", "quick"): 50, ("cuda", "full"): 50}
-DEFAULT_WARMUP = {"cpu": 2, "cuda": 10}
+# CPU: the output check before timing is a first warm-up call already
+DEFAULT_WARMUP = {"cpu": 1, "cuda": 10}
 
 
 class Unavailable(RuntimeError):
@@ -641,6 +642,12 @@ def table_rows(doc: Mapping) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _repeats_text(doc: Mapping) -> str:
+    fewest = min((res["stopped_early"]["repeats"] for res in doc["results"] if res.get("stopped_early")),
+                 default=None)
+    return f"{doc['config']['repeats']}" if fewest is None else f"{fewest} to {doc['config']['repeats']}"
+
+
 def _headline(doc: Mapping) -> list[str]:
     env, cfg = doc["environment"], doc["config"]
     threads = env.get("torch_num_threads")
@@ -650,7 +657,7 @@ def _headline(doc: Mapping) -> list[str]:
         f"lora_ext {env['lora_ext_version']}, {threads} torch threads / {env['cpu_count']} CPUs, "
         f"commit {(env.get('git_commit') or 'n/a')[:12]}{'+dirty' if env.get('git_dirty') else ''}, "
         f"{env.get('date_utc', '')}",
-        f"times: median ±IQR in ms over {cfg['repeats']} repeats (after {cfg['warmup']} warm-up), "
+        f"times: median ±IQR in ms over {_repeats_text(doc)} repeats (after {cfg['warmup']} warm-up), "
         "contestants interleaved; ratios are of medians (x/base < 1 is faster than base; "
         "speedup > 1 means ours is faster)",
     ]
@@ -854,7 +861,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed calls per contestant and case (default: cpu 12 quick / 8 full, "
                              "cuda 50)")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed calls per contestant first (default: cpu 2, cuda 10)")
+                        help="untimed calls per contestant first (default: cpu 1, cuda 10; the output "
+                             "check before them is one more)")
     parser.add_argument("--output", "-o", default=None, metavar="DIR",
                         help="write each family's results to DIR: <family>-<device>-<date>.json, "
                              ".png (chart) and .md (markdown table)")
