@@ -85,8 +85,10 @@ def want_cuda() -> bool:
 
 
 def compiler_version(cmd: list[str]) -> str:
+    """First line of `--version`, or nvcc's "Cuda compilation tools, release X.Y, VX.Y.Z" line."""
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[0]
+        lines = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
+        return next((line for line in lines if "release" in line), lines[0])
     except (OSError, subprocess.CalledProcessError, IndexError):
         return "unknown"
 

@@ -25,7 +25,11 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export PATH="$CUDA_HOME/bin:$PATH"
+# the interpreter's own bin (ninja, cmake, pytest of a venv) and nvcc
+PYTHON=$(command -v "$PYTHON") || { echo "gpu_run: no python ($PYTHON)" >&2; exit 2; }
+export PATH="$(dirname "$PYTHON"):$CUDA_HOME/bin:$PATH"
+# torch builds with ninja when it finds one on PATH (else one file at a time)
+command -v ninja > /dev/null || PATH="$("$PYTHON" -c "import ninja; print(ninja.BIN_DIR)" 2> /dev/null):$PATH"
 export FORCE_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
@@ -81,14 +85,18 @@ build() {
 }
 
 native_tests() {
-  if ! command -v cmake > /dev/null && ! "$PYTHON" -c "import cmake" 2> /dev/null; then
-    echo "cmake not installed: native core tests skipped"; return 0
+  # cmake and ninja from PATH, else from the Python packages of that name
+  local bin gen=()
+  bin=$(command -v cmake > /dev/null && dirname "$(command -v cmake)" ||
+        "$PYTHON" -c "import cmake; print(cmake.CMAKE_BIN_DIR)" 2> /dev/null) ||
+    { echo "cmake not installed: native core tests skipped"; return 0; }
+  if command -v ninja > /dev/null || "$PYTHON" -c "import ninja" 2> /dev/null; then
+    command -v ninja > /dev/null || PATH="$("$PYTHON" -c "import ninja; print(ninja.BIN_DIR)"):$PATH"
+    gen=(-G Ninja)
   fi
-  local cmake=cmake ctest=ctest
-  command -v cmake > /dev/null || { cmake="$PYTHON -m cmake"; ctest="$(dirname "$PYTHON")/ctest"; }
-  $cmake -S . -B "$OUTDIR/cmake-build" -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" &&
-    $cmake --build "$OUTDIR/cmake-build" -j "$MAX_JOBS" &&
-    $ctest --test-dir "$OUTDIR/cmake-build" --output-on-failure
+  "$bin/cmake" -S . -B "$OUTDIR/cmake-build" "${gen[@]}" -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" &&
+    "$bin/cmake" --build "$OUTDIR/cmake-build" -j "$MAX_JOBS" &&
+    "$bin/ctest" --test-dir "$OUTDIR/cmake-build" --output-on-failure
 }
 
 gpu_tests() {
@@ -112,7 +120,8 @@ rm -rf "$OUTDIR/cmake-build"
 
 {
   echo
-  grep -E "^[0-9]+ (passed|failed)|passed|failed" "$OUTDIR/pytest-gpu.log" 2>/dev/null | tail -n 1 | sed 's/^/pytest -m gpu: /'
+  grep -E "[0-9]+ (passed|failed|skipped|errors?|deselected)" "$OUTDIR/pytest-gpu.log" 2>/dev/null |
+    tail -n 1 | sed 's/^/pytest -m gpu: /'
   echo
   for md in "$OUTDIR"/bench/*.md; do
     [ -e "$md" ] || continue
