@@ -255,3 +255,16 @@ def test_time_budget_cuts_repeats_but_keeps_a_minimum():
     # the command line: --quick on a cpu has a budget unless --max-seconds 0
     assert _parse(["--max-seconds", "0"]).max_seconds == 0
     assert harness.DEFAULT_BUDGET_S[("cpu", "quick")] <= 100
+
+
+def test_git_commit_of_a_checkout():
+    # run from a git checkout of lora-ext (CI's clean clone): the JSON names the commit
+    from pathlib import Path
+    import subprocess
+    root = Path(harness.__file__).resolve().parents[2]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True)
+    if head.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
+        pytest.skip("lora_ext is not imported from a git checkout")
+    info = harness.git_commit()
+    assert info["commit"] == head.stdout.strip() and isinstance(info["dirty"], bool)

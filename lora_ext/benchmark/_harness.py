@@ -438,7 +438,7 @@ def find_repo_root(start: Path | None = None) -> Path | None:
 
 def git_commit(package_dir: Path | None = None) -> dict:
     """Commit of the lora_ext source being benchmarked, when it is a git checkout."""
-    package_dir = package_dir or Path(__file__).resolve().parent
+    package_dir = package_dir or Path(__file__).resolve().parents[1]    # lora_ext/
     info = {"commit": None, "dirty": None}
     try:
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=package_dir,
