@@ -117,6 +117,7 @@ def test_unknown_contestant_is_an_error():
 
 @pytest.mark.parametrize("name,model", [
     ("NVIDIA H200", "H200 SXM"),
+    ("NVIDIA H200 NVL", "H200 NVL"),
     ("NVIDIA GH200 480GB", "GH200 (H200 SXM figures)"),
     ("NVIDIA H100 80GB HBM3", "H100 SXM"),
     ("NVIDIA H100 PCIe", "H100 PCIe"),

@@ -353,6 +353,8 @@ def case_ratios(family: Family, measurements: Mapping[str, Mapping]) -> dict:
 DEVICE_PEAKS: tuple[tuple[str, str, dict], ...] = (
     (r"gh200", "GH200 (H200 SXM figures)", {"gbps": 4800, "float64": 67, "float32": 67, "tf32": 494.5,
                                             "bfloat16": 989.5, "float16": 989.5}),
+    (r"h200.*nvl", "H200 NVL", {"gbps": 4800, "float64": 60, "float32": 60, "tf32": 417.5,
+                                "bfloat16": 835, "float16": 835}),
     (r"h200", "H200 SXM", {"gbps": 4800, "float64": 67, "float32": 67, "tf32": 494.5,
                            "bfloat16": 989.5, "float16": 989.5}),
     (r"h100.*nvl", "H100 NVL", {"gbps": 3900, "float64": 60, "float32": 60, "tf32": 417.5,
