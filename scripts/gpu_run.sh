@@ -7,7 +7,7 @@
 #   5. the full benchmark, every family, on cuda                   bench.log, bench/*.json|png|md
 #   6. summary.md: the status of each step and the benchmark tables
 #
-#   scripts/gpu_run.sh [OUTDIR]      (default: $OUT when set, else gpu-run-<UTC date>/)
+#   scripts/gpu_run.sh [OUTDIR]      (default: $OUT when set, else benchmarks/results/gpu-run-<UTC date>/)
 #
 # Needs no network: it builds against the torch already installed (any series; the build
 # pins nothing it has to download) with --no-build-isolation --no-deps. PYTHON picks the
@@ -18,7 +18,7 @@
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-OUTDIR=${1:-${OUT:-$ROOT/gpu-run-$(date -u +%Y%m%dT%H%M%SZ)}}
+OUTDIR=${1:-${OUT:-$ROOT/benchmarks/results/gpu-run-$(date -u +%Y%m%dT%H%M%SZ)}}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 if [ -z "${PYTHON:-}" ]; then
