@@ -93,7 +93,8 @@ def _embedding_base_keys(peft_model: nn.Module, config):
         if layer is None:
             continue
         for name, module in model.named_modules():
-            if module is layer or (isinstance(module, LoraLayer) and module.base_layer is layer):
+            # PEFT saves only the targeted (LoRA-wrapped) embedding layers, not e.g. an untied lm_head
+            if isinstance(module, LoraLayer) and (module is layer or module.base_layer is layer):
                 for pname, _ in module.named_parameters():
                     if "lora_" not in pname:
                         full = f"base_model.model.{name}.{pname}"
