@@ -1,3 +1,9 @@
+// The 64-byte vectors of the tile loops stay inside this file (every helper is internal and
+// inlined), so GCC's note that passing them changes the ABI is noise.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #include "dora.h"
 
 #include <ATen/Dispatch.h>
@@ -8,12 +14,6 @@
 
 #include "../core/dora.h"
 #include "../core/dropout.h"  // LORA_EXT_FORCE_INLINE
-
-// The 64-byte vectors below never cross a non-inlined call boundary of the baseline clone's
-// ABI in a way that matters (all helpers are internal), so the ABI note is noise.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
 
 namespace lora_ext {
 namespace cpu {
