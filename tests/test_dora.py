@@ -253,6 +253,31 @@ def test_dora_and_lora_adapters_active_together_equal_peft(tmp_path):
         torch.testing.assert_close(output(ours, inputs), output(theirs, inputs), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2_conv1d", "conv2d"])
+def test_two_dora_adapters_active_and_merged_equal_peft(name, tmp_path):
+    factory, targets, make_input = MODELS[name]
+    base = factory()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config_kwargs(targets)), adapter_name="a")
+    theirs.add_adapter("b", peft.LoraConfig(**config_kwargs(targets, r=3)))
+    randomise_magnitudes(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lora_ext.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft" / "a", adapter_name="a")
+    ours.load_adapter(tmp_path / "peft" / "b", adapter_name="b")
+    inputs = make_input()
+    for model in (theirs, ours):
+        model.base_model.set_adapter(["a", "b"])
+        model.eval()
+    with torch.no_grad():
+        unmerged = output(ours, inputs)
+        torch.testing.assert_close(unmerged, output(theirs, inputs), rtol=1e-5, atol=1e-5)
+        merged_ours = ours.merge_and_unload(adapter_names=["a", "b"])
+        merged_theirs = theirs.merge_and_unload(adapter_names=["a", "b"])
+        state_theirs = merged_theirs.state_dict()
+        for key, value in merged_ours.state_dict().items():
+            torch.testing.assert_close(value, state_theirs[key], rtol=1e-5, atol=1e-5, msg=key)
+        torch.testing.assert_close(output(merged_ours, inputs), unmerged, rtol=1e-4, atol=1e-4)
+
+
 def test_grouped_conv_dora_is_a_clear_error():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(ValueError, match="groups=1"):

@@ -139,21 +139,41 @@ def dora_embedding_forward(layer, ids: torch.Tensor, adapter: str, result: torch
 # ---------------------------------------------------------------- merging
 
 
+def _merge_factor(layer, adapter: str, norm: torch.Tensor) -> torch.Tensor:
+    return layer.lora_magnitude_vector[adapter].weight.reshape(-1).to(torch.float32) / norm
+
+
+def _unmerged_base_weight(layer) -> torch.Tensor:
+    """fp32 W with every merged adapter taken out again (newest first), without writing it."""
+    weight = layer.base_layer.weight.to(torch.float32)
+    for name in reversed(layer.merged_adapters):
+        if name not in layer.r:
+            continue
+        if layer.use_dora.get(name, False):
+            factor = _merge_factor(layer, name, layer._dora_merge_norms[name])
+            weight = layer.from_out_in(layer.to_out_in(weight) / factor[:, None])
+        weight = weight - layer.get_delta_weight(name).to(torch.float32)
+    return weight
+
+
 @torch.no_grad()
 def merge_dora(layer, adapter: str) -> torch.Tensor:
-    """The merged base weight m/‖W + ΔW‖ · (W + ΔW); remembers the norm for unmerging."""
+    """The merged base weight m/‖W₀ + ΔW‖ · (W + ΔW); remembers the norm for unmerging.
+
+    As in PEFT (and as the forward computes it) the norm is that of the base weight W₀
+    without adapters merged before this one, while the factor scales the current W.
+    """
     weight = layer.base_layer.weight
-    combined = layer.to_out_in(weight.to(torch.float32) + layer.get_delta_weight(adapter).to(torch.float32))
-    norm = torch.linalg.vector_norm(combined, dim=1)
+    delta = layer.get_delta_weight(adapter).to(torch.float32)
+    norm = torch.linalg.vector_norm(layer.to_out_in(_unmerged_base_weight(layer) + delta), dim=1)
     layer._dora_merge_norms[adapter] = norm
-    factor = layer.lora_magnitude_vector[adapter].weight.reshape(-1).to(torch.float32) / norm
-    return layer.from_out_in(combined * factor[:, None]).to(weight.dtype)
+    combined = layer.to_out_in(weight.to(torch.float32) + delta)
+    return layer.from_out_in(combined * _merge_factor(layer, adapter, norm)[:, None]).to(weight.dtype)
 
 
 @torch.no_grad()
 def unmerge_dora(layer, adapter: str) -> torch.Tensor:
     weight = layer.base_layer.weight
-    norm = layer._dora_merge_norms.pop(adapter)
-    factor = layer.lora_magnitude_vector[adapter].weight.reshape(-1).to(torch.float32) / norm
+    factor = _merge_factor(layer, adapter, layer._dora_merge_norms.pop(adapter))
     original = layer.from_out_in(layer.to_out_in(weight.to(torch.float32)) / factor[:, None])
     return (original - layer.get_delta_weight(adapter).to(torch.float32)).to(weight.dtype)
