@@ -24,4 +24,18 @@ TORCH_LIBRARY(lora_ext, m) {
       " -> (Tensor, Tensor, Tensor)");
   // The keep mask (bool, shape and device of `like`) that the two ops above use.
   m.def("dropout_mask(Tensor like, float dropout_p, int seed, int offset) -> Tensor");
+  // DoRA. ‖W + s·B·A‖ per row of weight [out, in] without forming W + s·B·A; fp32 (fp64 for
+  // fp64 inputs).
+  m.def("dora_weight_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling) -> Tensor");
+  // y = x·Wᵀ + b + (g - 1)·(drop(x)·Wᵀ) + g·s·(drop(x)·Aᵀ)·Bᵀ, g = magnitude / weight_norm (PEFT's
+  // DoRA); also returns z = drop(x)·Aᵀ and hm (the [rows, out] term g multiplies) for backward.
+  m.def(
+      "dora_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor magnitude, Tensor weight_norm, float scaling, float dropout_p, int seed, int offset)"
+      " -> (Tensor, Tensor, Tensor)");
+  // Gradients for x, lora_A, lora_B, magnitude (empty where output_mask is false).
+  m.def(
+      "dora_linear_backward(Tensor grad_y, Tensor x, Tensor z, Tensor hm, Tensor weight, "
+      "Tensor lora_A, Tensor lora_B, Tensor magnitude, Tensor weight_norm, float scaling, "
+      "float dropout_p, int seed, int offset, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -69,6 +69,14 @@ class Linear(nn.Module, LoraLayer):
         weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight
 
+    def dora_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[adapter].weight, self.lora_B[adapter].weight
+
+    def to_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
+
+    from_out_in = to_out_in
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """scaling·B·A in the base weight's layout (transposed for fan_in_fan_out)."""
         weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
@@ -118,9 +126,8 @@ class Linear(nn.Module, LoraLayer):
             rest = active
         result_dtype = result.dtype
         for name in rest:
-            if self.use_dora.get(name, False):  # its contribution: the DoRA output minus the base output
-                base = torch.nn.functional.linear(x, self.base_weight_out_in(), self.base_layer.bias)
-                result = result + (dora.dora_forward(self, x, name, fresh_dropout_seed) - base)
+            if self.use_dora.get(name, False):  # PEFT's formulation, on the running result
+                result = result + dora.dora_linear_contribution(self, x, name, result)
             else:
                 result = result + self._adapter_output(x, name)
         return result.to(result_dtype)

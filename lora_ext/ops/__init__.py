@@ -4,6 +4,7 @@ This package is the only code that touches torch.ops.lora_ext; one private modul
 kernel family. Schemas live in csrc/registration.cpp; the semantics of each op is the
 function of the same name in lora_ext.reference.
 """
+from ._dora import dora_linear, dora_weight_norm
 from ._lora_linear import dropout_mask, lora_linear
 
-__all__ = ["dropout_mask", "lora_linear"]
+__all__ = ["dora_linear", "dora_weight_norm", "dropout_mask", "lora_linear"]
