@@ -5,5 +5,8 @@ kernel family. Schemas live in csrc/registration.cpp; the semantics of each op i
 function of the same name in lora_ext.reference.
 """
 from ._lora_linear import dropout_mask, lora_linear
+from ._nf4 import (DYNAMIC_CODE, NF4_CODE, dequantize_absmax, nf4_dequantize, nf4_matmul,
+                   nf4_quantize, quantize_absmax)
 
-__all__ = ["dropout_mask", "lora_linear"]
+__all__ = ["DYNAMIC_CODE", "NF4_CODE", "dequantize_absmax", "dropout_mask", "lora_linear",
+           "nf4_dequantize", "nf4_matmul", "nf4_quantize", "quantize_absmax"]
