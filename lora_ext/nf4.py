@@ -31,6 +31,7 @@ from . import ops
 
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for double quantisation of absmax
+NESTED_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what ops.dequantize_absmax accepts
 QUANT_TYPE = "nf4"
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -202,15 +203,8 @@ class NF4Linear(nn.Module):
         compute_dtype = self.compute_dtype or input_dtype
         if x.dtype != compute_dtype:
             x = x.to(compute_dtype)
-        bias = self.bias
-        fused_bias = None
-        if bias is not None:
-            bias = bias.to(compute_dtype)
-            if not bias.requires_grad:  # the op differentiates with respect to x only
-                fused_bias, bias = bias, None
-        y = ops.nf4_matmul(x, self.weight, self.absmax_fp32(), self.out_features, self.blocksize, fused_bias)
-        if bias is not None:
-            y = y + bias
+        bias = None if self.bias is None else self.bias.to(compute_dtype)
+        y = ops.nf4_matmul(x, self.weight, self.absmax_fp32(), self.out_features, self.blocksize, bias)
         return y.to(input_dtype)
 
     # ---------------------------------------------------------------- accounting
@@ -378,7 +372,10 @@ def parse_quant_state(state_dict: dict[str, Tensor], prefix: str = "") -> dict[s
         for field in ("nested_blocksize", "nested_dtype", "nested_offset"):
             if field not in meta:
                 raise ValueError(f"NF4: {wkey}.{QUANT_STATE_KEY} lacks {field!r} but the state is double-quantised")
-        nested_blocksize = check_blocksize(meta["nested_blocksize"], f"{wkey} nested_blocksize")
+        nested_blocksize = meta["nested_blocksize"]
+        if isinstance(nested_blocksize, bool) or nested_blocksize not in NESTED_BLOCKSIZES:
+            raise ValueError(f"NF4: {wkey} nested_blocksize must be one of {NESTED_BLOCKSIZES}, "
+                             f"got {nested_blocksize!r}")
         nested_absmax, nested_map = need("nested_absmax"), need("nested_quant_map")
         if absmax.dtype != torch.uint8:
             raise ValueError(f"NF4: {wkey}.absmax must be uint8 codes with double quantisation, got {absmax.dtype}")
