@@ -158,18 +158,18 @@ def replace_lora_weights_loftq(peft_model: nn.Module, model_path: Optional[str] 
     from .layers.nf4 import Linear4bit
 
     prefix = "base_model.model."
+    layers = [(name, module) for name, module in peft_model.named_modules() if isinstance(module, Linear4bit)]
+    if not layers:
+        raise ValueError("replace_lora_weights_loftq: no 4-bit LoRA layer found (quantise the base with "
+                         "lora_ext.quantize_model before get_peft_model)")
     read = _weight_reader(peft_model, model_path)
-    found = False
-    for name, module in peft_model.named_modules():
-        if not isinstance(module, Linear4bit):
-            continue
+    for name, module in layers:
         if not name.startswith(prefix):
             raise TypeError("replace_lora_weights_loftq: the passed model does not appear to be a PeftModel "
                             f"(module {name!r} is not under {prefix!r})")
         if adapter_name not in module.lora_A:
             raise ValueError(f"replace_lora_weights_loftq: layer {name!r} has no adapter {adapter_name!r} "
                              f"(it has {sorted(module.lora_A)})")
-        found = True
         name = name[len(prefix):]
         weight = read(name + ".weight").to(device=module.base_layer.weight.device, dtype=torch.float32)
         if tuple(weight.shape) != (module.out_features, module.in_features):
@@ -182,9 +182,6 @@ def replace_lora_weights_loftq(peft_model: nn.Module, model_path: Optional[str] 
         A.data, B.data = lora_A, lora_B
         if callback is not None and not callback(peft_model, name):
             A.data, B.data = before
-    if not found:
-        raise ValueError("replace_lora_weights_loftq: no 4-bit LoRA layer found (quantise the base with "
-                         "lora_ext.quantize_model before get_peft_model)")
 
 
 def loftq_layer_init(lora_A: Tensor, lora_B: Tensor, base_weight: Any, r: int, scaling: float,

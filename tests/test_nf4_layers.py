@@ -21,57 +21,13 @@ import lora_ext
 from lora_ext import NF4Linear, memory_footprint, ops, quantize_model
 from lora_ext.nf4 import parse_quant_state, to_bnb
 from lora_testing import assert_within_torch_error
+from nf4_testing import assert_state_dicts_equal, bnb_dequantize, bnb_linear4bit, make_linear, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def bnb_linear4bit(linear: nn.Linear, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4"):
-    """A bitsandbytes Linear4bit quantised on the CPU from `linear` (bnb's own quantize_4bit)."""
-    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compress_statistics=double_quant, quant_type=quant_type, device="meta")
-    layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, blocksize=blocksize,
-                                     compress_statistics=double_quant, quant_type=quant_type,
-                                     module=layer).to("cpu")
-    if linear.bias is not None:
-        layer.bias = nn.Parameter(linear.bias.detach().clone())
-    # bnb repacks weights for its AVX512-BF16 CPU kernel in eval/no-grad, re-quantising the
-    # nested absmax (lossy); keep it on its plain dequantise path for byte comparisons
-    layer.support_avx512bf16_for_cpu = False
-    return layer
-
-
-def bnb_dequantize(layer) -> torch.Tensor:
-    """bitsandbytes' dequantised weight, by its generic (pure PyTorch) CPU path.
-
-    bnb 0.50's native AVX512 CPU kernel (dequantize_4bit with an even row length) reads the
-    wrong absmax once the blocksize exceeds the row length (e.g. blocksize 256 on a
-    [96, 128] weight), so it is not the oracle here; its generic path follows bnb's
-    definition (and its CUDA kernels).
-    """
-    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-    state = layer.weight.quant_state
-    absmax = state.absmax
-    if state.nested:
-        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    return _dequantize_4bit_compute(layer.weight.data.reshape(-1), absmax, state.code, state.blocksize,
-                                    state.shape, state.dtype)
-
-
-def assert_state_dicts_equal(ours: dict, theirs: dict) -> None:
-    assert list(ours) == list(theirs)
-    for key in ours:
-        assert ours[key].dtype == theirs[key].dtype, key
-        assert ours[key].shape == theirs[key].shape, key
-        assert torch.equal(ours[key].cpu(), theirs[key].cpu()), key
-
-
-def make_linear(out_features: int, in_features: int, dtype=torch.float32, bias: bool = True) -> nn.Linear:
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    return linear.to(dtype)
 
 
 # ---------------------------------------------------------------- bitsandbytes layout, both ways
@@ -236,13 +192,6 @@ def test_matches_bitsandbytes_forward_within_the_rule(double_quant):
 
 
 # ---------------------------------------------------------------- whole models
-
-
-def tiny_llama(seed: int = 0, dtype=torch.float32):
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
 
 
 def test_quantize_model_replaces_linears_but_keeps_the_head():
