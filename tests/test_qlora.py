@@ -60,8 +60,8 @@ def assert_matches_dense_oracle(ours: torch.Tensor, dense_peft: nn.Module, what:
     assert_within_torch_error(ours, torchs, oracle, what=what)
 
 
-def quantized_llama(seed: int = 0) -> nn.Module:
-    return quantize_model(tiny_llama(seed))
+def quantized_llama(seed: int = 0, dtype=torch.float32) -> nn.Module:
+    return quantize_model(tiny_llama(seed, dtype))
 
 
 # ---------------------------------------------------------------- the layer
@@ -166,8 +166,11 @@ def test_compiled_qlora_layer_matches_eager():
     torch.testing.assert_close((x.grad, layer.lora_A["default"].weight.grad), eager_grads)
 
 
-def test_qlora_training_decreases_the_loss_and_leaves_the_base_alone():
-    model = get_peft_model(quantized_llama(), LoraConfig(**qlora_config(lora_dropout=0.1)))
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qlora_training_decreases_the_loss_and_leaves_the_base_alone(dtype, use_dora):
+    model = get_peft_model(quantized_llama(dtype=dtype), LoraConfig(**qlora_config(lora_dropout=0.1,
+                                                                                   use_dora=use_dora)))
     frozen = {n: t.clone() for n, t in model.state_dict().items() if "base_layer" in n}
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -200,9 +203,10 @@ def test_memory_footprint_of_a_qlora_model():
 # ---------------------------------------------------------------- PEFT on bitsandbytes, both ways
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_adapter_trained_here_loads_in_peft_on_a_bitsandbytes_base(tmp_path, use_dora):
-    base = quantized_llama()
+def test_adapter_trained_here_loads_in_peft_on_a_bitsandbytes_base(tmp_path, use_dora, dtype):
+    base = quantized_llama(dtype=dtype)
     bnb_base, dense_base = bnb_copy(base), dequantized_copy(base)
     ours = get_peft_model(base, LoraConfig(**qlora_config(use_dora=use_dora)))
     randomise_adapters(ours)
