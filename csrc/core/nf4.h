@@ -34,6 +34,14 @@ LORA_EXT_HD bool nf4_blocksize_ok(int64_t blocksize) {
   return blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0;
 }
 
+// log2 of a power-of-two blocksize: kernels index absmax with e >> shift (a 64-bit division
+// per element group costs more than the rest of the dequantisation).
+LORA_EXT_HD int log2_pow2(int64_t v) {
+  int shift = 0;
+  while ((int64_t{1} << shift) < v) ++shift;
+  return shift;
+}
+
 LORA_EXT_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);

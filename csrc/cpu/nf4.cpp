@@ -78,10 +78,10 @@ void quantize_blocks(const T* x, int64_t n, int64_t bs, uint8_t* packed, float* 
 // ---------------------------------------------------------------- dequantize
 
 template <typename T>
-void dequant_scalar(const uint8_t* packed, const float* absmax, int64_t bs, int64_t e0, int64_t e1,
+void dequant_scalar(const uint8_t* packed, const float* absmax, int bs_shift, int64_t e0, int64_t e1,
                     T* out) {
   for (int64_t e = e0; e < e1; ++e) {
-    out[e - e0] = store_scalar<T>(core::nf4_value(kCode, core::nf4_code_at(packed, e), absmax[e / bs]));
+    out[e - e0] = store_scalar<T>(core::nf4_value(kCode, core::nf4_code_at(packed, e), absmax[e >> bs_shift]));
   }
 }
 
@@ -136,38 +136,38 @@ LORA_EXT_AVX2_FN inline void store8(T* out, __m256 v) {
 }
 
 template <typename T>
-LORA_EXT_AVX2_FN void dequant_avx2(const uint8_t* packed, const float* absmax, int64_t bs,
+LORA_EXT_AVX2_FN void dequant_avx2(const uint8_t* packed, const float* absmax, int bs_shift,
                                    int64_t e0, int64_t e1, T* out) {
   int64_t e = std::min(e1, (e0 + kGroup - 1) / kGroup * kGroup);
-  dequant_scalar(packed, absmax, bs, e0, e, out);
+  dequant_scalar(packed, absmax, bs_shift, e0, e, out);
   const Lut16 lut = make_lut();
   for (; e + kGroup <= e1; e += kGroup) {
     __m256 v0, v1;
-    values16(lut, packed + e / 2, absmax[e / bs], v0, v1);
+    values16(lut, packed + e / 2, absmax[e >> bs_shift], v0, v1);
     store8(out + (e - e0), v0);
     store8(out + (e - e0) + 8, v1);
   }
-  dequant_scalar(packed, absmax, bs, e, e1, out + (e - e0));
+  dequant_scalar(packed, absmax, bs_shift, e, e1, out + (e - e0));
 }
 #endif
 
 template <typename T>
-void dequant_range(const uint8_t* packed, const float* absmax, int64_t bs, int64_t e0, int64_t e1,
+void dequant_range(const uint8_t* packed, const float* absmax, int bs_shift, int64_t e0, int64_t e1,
                    T* out) {
 #ifdef LORA_EXT_NF4_AVX2
-  if (cpu_has_avx2()) return dequant_avx2(packed, absmax, bs, e0, e1, out);
+  if (cpu_has_avx2()) return dequant_avx2(packed, absmax, bs_shift, e0, e1, out);
 #endif
-  dequant_scalar(packed, absmax, bs, e0, e1, out);
+  dequant_scalar(packed, absmax, bs_shift, e0, e1, out);
 }
 
 // ---------------------------------------------------------------- GEMV
 
 // y[r, o] for rows [0, R) and outputs [o0, o1): one pass over each packed row.
 void gemv_scalar(const float* xf, int64_t rows, int64_t in, const uint8_t* packed,
-                 const float* absmax, int64_t bs, float* y, int64_t out, int64_t o0, int64_t o1) {
+                 const float* absmax, int bs_shift, float* y, int64_t out, int64_t o0, int64_t o1) {
   std::vector<float> w(static_cast<size_t>(in));
   for (int64_t o = o0; o < o1; ++o) {
-    dequant_scalar(packed, absmax, bs, o * in, (o + 1) * in, w.data());
+    dequant_scalar(packed, absmax, bs_shift, o * in, (o + 1) * in, w.data());
     for (int64_t r = 0; r < rows; ++r) {
       const float* xr = xf + r * in;
       float acc = 0.0f;
@@ -188,14 +188,14 @@ LORA_EXT_AVX2_FN inline float hsum(__m256 v) {
 // Up to kRows x rows per pass over a packed row, accumulators in registers.
 template <int kRows>
 LORA_EXT_AVX2_FN void gemv_rows_avx2(const float* xf, int64_t in, const uint8_t* packed,
-                                     const float* absmax, int64_t bs, float* y, int64_t out,
+                                     const float* absmax, int bs_shift, float* y, int64_t out,
                                      int64_t o) {
   const Lut16 lut = make_lut();
   const int64_t e0 = o * in, e1 = e0 + in;
   const int64_t head_end = std::min(e1, (e0 + kGroup - 1) / kGroup * kGroup);
   float scalar[kRows] = {};
   for (int64_t e = e0; e < head_end; ++e) {
-    const float w = core::nf4_value(kCode, core::nf4_code_at(packed, e), absmax[e / bs]);
+    const float w = core::nf4_value(kCode, core::nf4_code_at(packed, e), absmax[e >> bs_shift]);
     for (int r = 0; r < kRows; ++r) scalar[r] += xf[r * in + (e - e0)] * w;
   }
   __m256 acc0[kRows], acc1[kRows];
@@ -203,7 +203,7 @@ LORA_EXT_AVX2_FN void gemv_rows_avx2(const float* xf, int64_t in, const uint8_t*
   int64_t e = head_end;
   for (; e + kGroup <= e1; e += kGroup) {
     __m256 v0, v1;
-    values16(lut, packed + e / 2, absmax[e / bs], v0, v1);
+    values16(lut, packed + e / 2, absmax[e >> bs_shift], v0, v1);
     const float* xk = xf + (e - e0);
     for (int r = 0; r < kRows; ++r) {
       acc0[r] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xk + r * in), acc0[r]);
@@ -211,24 +211,54 @@ LORA_EXT_AVX2_FN void gemv_rows_avx2(const float* xf, int64_t in, const uint8_t*
     }
   }
   for (; e < e1; ++e) {
-    const float w = core::nf4_value(kCode, core::nf4_code_at(packed, e), absmax[e / bs]);
+    const float w = core::nf4_value(kCode, core::nf4_code_at(packed, e), absmax[e >> bs_shift]);
     for (int r = 0; r < kRows; ++r) scalar[r] += xf[r * in + (e - e0)] * w;
   }
   for (int r = 0; r < kRows; ++r) y[r * out + o] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + scalar[r];
 }
 
+LORA_EXT_AVX2_FN float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    for (int j = 0; j < 4; ++j) {
+      acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8 * j), _mm256_loadu_ps(b + k + 8 * j), acc[j]);
+    }
+  }
+  for (; k + 8 <= n; k += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc[0]);
+  float tail = 0.0f;
+  for (; k < n; ++k) tail += a[k] * b[k];
+  return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + tail;
+}
+
 LORA_EXT_AVX2_FN void gemv_avx2(const float* xf, int64_t rows, int64_t in, const uint8_t* packed,
-                                const float* absmax, int64_t bs, float* y, int64_t out, int64_t o0,
+                                const float* absmax, int bs_shift, float* y, int64_t out, int64_t o0,
                                 int64_t o1) {
+  if (rows <= 4) {
+    // Every row's accumulators in registers: one pass over each packed row, nothing stored.
+    for (int64_t o = o0; o < o1; ++o) {
+      switch (rows) {
+        case 4: gemv_rows_avx2<4>(xf, in, packed, absmax, bs_shift, y, out, o); break;
+        case 3: gemv_rows_avx2<3>(xf, in, packed, absmax, bs_shift, y, out, o); break;
+        case 2: gemv_rows_avx2<2>(xf, in, packed, absmax, bs_shift, y, out, o); break;
+        default: gemv_rows_avx2<1>(xf, in, packed, absmax, bs_shift, y, out, o); break;
+      }
+    }
+    return;
+  }
+  // More rows: split the reduction into k-tiles whose x chunk (all rows) stays in L1 (about
+  // 32 KiB of fp32). Each tile of a packed row is decoded once into a small buffer that every
+  // row then dots with; partial sums accumulate in y. The packed weight is still read once.
+  const int64_t kt = std::max<int64_t>(64, (8192 / rows) / 64 * 64);
+  std::vector<float> wbuf(static_cast<size_t>(std::min(kt, in)));
   for (int64_t o = o0; o < o1; ++o) {
-    int64_t r = 0;
-    // Groups of four rows share each decoded weight vector; the packed row stays in L1.
-    for (; r + 4 <= rows; r += 4) gemv_rows_avx2<4>(xf + r * in, in, packed, absmax, bs, y + r * out, out, o);
-    switch (rows - r) {
-      case 3: gemv_rows_avx2<3>(xf + r * in, in, packed, absmax, bs, y + r * out, out, o); break;
-      case 2: gemv_rows_avx2<2>(xf + r * in, in, packed, absmax, bs, y + r * out, out, o); break;
-      case 1: gemv_rows_avx2<1>(xf + r * in, in, packed, absmax, bs, y + r * out, out, o); break;
-      default: break;
+    for (int64_t r = 0; r < rows; ++r) y[r * out + o] = 0.0f;
+  }
+  for (int64_t k0 = 0; k0 < in; k0 += kt) {
+    const int64_t len = std::min(kt, in - k0);
+    for (int64_t o = o0; o < o1; ++o) {
+      dequant_avx2<float>(packed, absmax, bs_shift, o * in + k0, o * in + k0 + len, wbuf.data());
+      for (int64_t r = 0; r < rows; ++r) y[r * out + o] += dot_avx2(xf + r * in + k0, wbuf.data(), len);
     }
   }
 }
@@ -274,7 +304,7 @@ void nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, int64_t 
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, chunks, 4, [&](int64_t c0, int64_t c1) {
       const int64_t begin = c0 * kChunk, end = std::min(n, c1 * kChunk);
-      dequant_range(p, a, blocksize, begin, end, o + begin);
+      dequant_range(p, a, core::log2_pow2(blocksize), begin, end, o + begin);
     });
   });
 }
@@ -285,13 +315,14 @@ void nf4_dequantize_2d(const at::Tensor& packed, const at::Tensor& absmax, int64
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const float* a = absmax.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  const int shift = core::log2_pow2(blocksize);
   dispatch_float(out.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t e0 = (row0 + r) * row_len + col0;
-        dequant_range(p, a, blocksize, e0, e0 + cols, o + r * cols);
+        dequant_range(p, a, shift, e0, e0 + cols, o + r * cols);
       }
     });
   });
@@ -306,11 +337,12 @@ void nf4_gemv(const at::Tensor& xf, const at::Tensor& packed, const at::Tensor& 
   float* ys = y.data_ptr<float>();
   // About 64 KiB of packed weight per task.
   const int64_t grain = std::max<int64_t>(1, 131072 / std::max<int64_t>(in, 1));
+  const int shift = core::log2_pow2(blocksize);
   at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
 #ifdef LORA_EXT_NF4_AVX2
-    if (cpu_has_avx2()) return gemv_avx2(x, rows, in, p, a, blocksize, ys, out, o0, o1);
+    if (cpu_has_avx2()) return gemv_avx2(x, rows, in, p, a, shift, ys, out, o0, o1);
 #endif
-    gemv_scalar(x, rows, in, p, a, blocksize, ys, out, o0, o1);
+    gemv_scalar(x, rows, in, p, a, shift, ys, out, o0, o1);
   });
 }
 

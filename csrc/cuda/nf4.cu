@@ -97,7 +97,7 @@ struct QuantizeLauncher {
 // multiples of 8, so a group never straddles a block or a row).
 template <typename T>
 __global__ void dequant8_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                                int64_t bs, int64_t row_len, int64_t row0, int64_t col0,
+                                int bs_shift, int64_t row_len, int64_t row0, int64_t col0,
                                 int64_t rows, int64_t cols, T* __restrict__ out) {
   const int64_t groups_per_row = cols / 8;
   const int64_t total = rows * groups_per_row;
@@ -106,7 +106,7 @@ __global__ void dequant8_kernel(const uint8_t* __restrict__ packed, const float*
     const int64_t r = g / groups_per_row, c = (g - r * groups_per_row) * 8;
     const int64_t e = (row0 + r) * row_len + col0 + c;
     const uint32_t word = *reinterpret_cast<const uint32_t*>(packed + (e >> 1));
-    const float s = absmax[e / bs];
+    const float s = absmax[e >> bs_shift];
     union {
       T v[8];
       uint4 u[sizeof(T) * 8 / 16];
@@ -125,14 +125,14 @@ __global__ void dequant8_kernel(const uint8_t* __restrict__ packed, const float*
 
 template <typename T>
 __global__ void dequant1_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                                int64_t bs, int64_t row_len, int64_t row0, int64_t col0,
+                                int bs_shift, int64_t row_len, int64_t row0, int64_t col0,
                                 int64_t rows, int64_t cols, T* __restrict__ out) {
   const int64_t total = rows * cols;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / cols, c = i - r * cols;
     const int64_t e = (row0 + r) * row_len + col0 + c;
-    out[i] = Conv<T>::store(core::nf4_value(kCodeDev, core::nf4_code_at(packed, e), absmax[e / bs]));
+    out[i] = Conv<T>::store(core::nf4_value(kCodeDev, core::nf4_code_at(packed, e), absmax[e >> bs_shift]));
   }
 }
 
@@ -142,7 +142,7 @@ unsigned grid_for(int64_t work) {
 
 template <typename T>
 struct DequantLauncher {
-  static cudaError_t run(const uint8_t* packed, const float* absmax, int64_t bs, int64_t row_len,
+  static cudaError_t run(const uint8_t* packed, const float* absmax, int bs_shift, int64_t row_len,
                          int64_t row0, int64_t col0, int64_t rows, int64_t cols, void* out,
                          cudaStream_t stream) {
     T* o = static_cast<T*>(out);
@@ -150,10 +150,10 @@ struct DequantLauncher {
                      aligned(out, 16);
     if (vec) {
       dequant8_kernel<T><<<grid_for(rows * cols / 8), kThreads, 0, stream>>>(
-          packed, absmax, bs, row_len, row0, col0, rows, cols, o);
+          packed, absmax, bs_shift, row_len, row0, col0, rows, cols, o);
     } else {
       dequant1_kernel<T><<<grid_for(rows * cols), kThreads, 0, stream>>>(
-          packed, absmax, bs, row_len, row0, col0, rows, cols, o);
+          packed, absmax, bs_shift, row_len, row0, col0, rows, cols, o);
     }
     return cudaGetLastError();
   }
@@ -183,7 +183,7 @@ __device__ __forceinline__ void load8(const T* p, float* f) {
 // the warp streams 512 contiguous bytes of the packed row per step; x rows stay in L1/L2.
 template <typename T, int R, bool kVec>
 __global__ void gemv_kernel(const T* __restrict__ x, int64_t in, const uint8_t* __restrict__ packed,
-                            const float* __restrict__ absmax, int64_t bs, const T* __restrict__ bias,
+                            const float* __restrict__ absmax, int bs_shift, const T* __restrict__ bias,
                             T* __restrict__ y, int64_t out) {
   __shared__ float lut[core::kNF4Codes];
   if (threadIdx.x < core::kNF4Codes) lut[threadIdx.x] = kCodeDev[threadIdx.x];
@@ -199,7 +199,7 @@ __global__ void gemv_kernel(const T* __restrict__ x, int64_t in, const uint8_t* 
     const uint4* row = reinterpret_cast<const uint4*>(packed + (e0 >> 1));
     for (int64_t g = lane; g < in / 32; g += 32) {
       const uint4 word = row[g];
-      const float s = absmax[(e0 + g * 32) / bs];
+      const float s = absmax[(e0 + g * 32) >> bs_shift];
       const uint32_t parts[4] = {word.x, word.y, word.z, word.w};
 #pragma unroll
       for (int part = 0; part < 4; ++part) {
@@ -222,7 +222,7 @@ __global__ void gemv_kernel(const T* __restrict__ x, int64_t in, const uint8_t* 
   } else {
     for (int64_t k = lane; k < in; k += 32) {
       const int64_t e = e0 + k;
-      const float w = lut[core::nf4_code_at(packed, e)] * absmax[e / bs];
+      const float w = lut[core::nf4_code_at(packed, e)] * absmax[e >> bs_shift];
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[r] = fmaf(w, Conv<T>::load(x[r * in + k]), acc[r]);
     }
@@ -239,14 +239,14 @@ __global__ void gemv_kernel(const T* __restrict__ x, int64_t in, const uint8_t* 
 }
 
 template <typename T, int R>
-cudaError_t gemv_rows(const T* x, int64_t in, const uint8_t* packed, const float* absmax, int64_t bs,
+cudaError_t gemv_rows(const T* x, int64_t in, const uint8_t* packed, const float* absmax, int bs_shift,
                       const T* bias, T* y, int64_t out, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(ceil_div(out, kWarps));
   const bool vec = in % 32 == 0 && aligned(packed, 16) && aligned(x, 16);
   if (vec) {
-    gemv_kernel<T, R, true><<<grid, kThreads, 0, stream>>>(x, in, packed, absmax, bs, bias, y, out);
+    gemv_kernel<T, R, true><<<grid, kThreads, 0, stream>>>(x, in, packed, absmax, bs_shift, bias, y, out);
   } else {
-    gemv_kernel<T, R, false><<<grid, kThreads, 0, stream>>>(x, in, packed, absmax, bs, bias, y, out);
+    gemv_kernel<T, R, false><<<grid, kThreads, 0, stream>>>(x, in, packed, absmax, bs_shift, bias, y, out);
   }
   return cudaGetLastError();
 }
@@ -254,7 +254,7 @@ cudaError_t gemv_rows(const T* x, int64_t in, const uint8_t* packed, const float
 template <typename T>
 struct GemvLauncher {
   static cudaError_t run(const void* xv, int64_t rows, int64_t in, const uint8_t* packed,
-                         const float* absmax, int64_t bs, const void* biasv, void* yv, int64_t out,
+                         const float* absmax, int bs_shift, const void* biasv, void* yv, int64_t out,
                          cudaStream_t stream) {
     const T* x = static_cast<const T*>(xv);
     const T* bias = static_cast<const T*>(biasv);
@@ -266,10 +266,10 @@ struct GemvLauncher {
       T* yr = y + r * out;
       cudaError_t err;
       switch (left) {
-        case 1: err = gemv_rows<T, 1>(xr, in, packed, absmax, bs, bias, yr, out, stream); break;
-        case 2: err = gemv_rows<T, 2>(xr, in, packed, absmax, bs, bias, yr, out, stream); break;
-        case 3: err = gemv_rows<T, 3>(xr, in, packed, absmax, bs, bias, yr, out, stream); break;
-        default: err = gemv_rows<T, 4>(xr, in, packed, absmax, bs, bias, yr, out, stream); break;
+        case 1: err = gemv_rows<T, 1>(xr, in, packed, absmax, bs_shift, bias, yr, out, stream); break;
+        case 2: err = gemv_rows<T, 2>(xr, in, packed, absmax, bs_shift, bias, yr, out, stream); break;
+        case 3: err = gemv_rows<T, 3>(xr, in, packed, absmax, bs_shift, bias, yr, out, stream); break;
+        default: err = gemv_rows<T, 4>(xr, in, packed, absmax, bs_shift, bias, yr, out, stream); break;
       }
       if (err != cudaSuccess) return err;
     }
@@ -328,15 +328,16 @@ cudaError_t launch_nf4_dequantize_2d(DType dtype, const uint8_t* packed, const f
                                      int64_t col0, int64_t rows, int64_t cols, void* out,
                                      cudaStream_t stream) {
   if (rows * cols == 0) return cudaSuccess;
-  return dispatch<DequantLauncher>(dtype, packed, absmax, blocksize, row_len, row0, col0, rows,
-                                   cols, out, stream);
+  return dispatch<DequantLauncher>(dtype, packed, absmax, core::log2_pow2(blocksize), row_len, row0,
+                                   col0, rows, cols, out, stream);
 }
 
 cudaError_t launch_nf4_gemv(DType dtype, const void* x, int64_t rows, int64_t in,
                             const uint8_t* packed, const float* absmax, int64_t blocksize,
                             const void* bias, void* y, int64_t out, cudaStream_t stream) {
   if (rows == 0 || out == 0) return cudaSuccess;
-  return dispatch<GemvLauncher>(dtype, x, rows, in, packed, absmax, blocksize, bias, y, out, stream);
+  return dispatch<GemvLauncher>(dtype, x, rows, in, packed, absmax, core::log2_pow2(blocksize), bias,
+                                y, out, stream);
 }
 
 cudaError_t launch_quantize_absmax(const float* centred, int64_t n, const float* code,
