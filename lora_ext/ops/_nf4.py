@@ -8,9 +8,9 @@ import math
 import torch
 from torch import Tensor
 
-from ..reference import _nf4 as _ref
 from ..reference._nf4 import ABSMAX_BLOCKSIZES, DYNAMIC_CODE, NF4_BLOCKSIZES, NF4_CODE
 
+_ops = torch.ops.lora_ext
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -82,7 +82,7 @@ def nf4_quantize(x: Tensor, blocksize: int = 64) -> tuple[Tensor, Tensor]:
     op = "nf4_quantize"
     _check_tensor(op, "x", x, _FLOAT_DTYPES)
     _check_blocksize(op, blocksize)
-    return _ref.nf4_quantize(x, blocksize)
+    return _ops.nf4_quantize(x, blocksize)
 
 
 def nf4_dequantize(packed: Tensor, absmax: Tensor, shape, blocksize: int = 64,
@@ -98,7 +98,26 @@ def nf4_dequantize(packed: Tensor, absmax: Tensor, shape, blocksize: int = 64,
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: dtype must be one of {_dtype_list(_FLOAT_DTYPES)}, got {dtype}")
     _check_packed(op, packed, absmax, math.prod(shape), blocksize, f"shape {shape}")
-    return _ref.nf4_dequantize(packed, absmax, shape, blocksize, dtype)
+    return _ops.nf4_dequantize(packed, absmax, list(shape), blocksize, dtype)
+
+
+def _code_on(op: str, code, device) -> Tensor:
+    if code is None:
+        return _dynamic_code_on(device)
+    _check_tensor(op, "code", code, (torch.float32,))
+    if code.numel() != 256:
+        raise ValueError(f"{op}: code must hold 256 values (an 8-bit map), got {code.numel()}")
+    return code.to(device).reshape(-1)
+
+
+_DYNAMIC_ON: dict = {}
+
+
+def _dynamic_code_on(device) -> Tensor:
+    key = str(device)
+    if key not in _DYNAMIC_ON:
+        _DYNAMIC_ON[key] = DYNAMIC_CODE.to(device)
+    return _DYNAMIC_ON[key]
 
 
 def quantize_absmax(absmax: Tensor, blocksize: int = 256) -> tuple[Tensor, Tensor, Tensor]:
@@ -117,12 +136,16 @@ def quantize_absmax(absmax: Tensor, blocksize: int = 256) -> tuple[Tensor, Tenso
     _check_blocksize(op, blocksize, ABSMAX_BLOCKSIZES)
     if absmax.numel() == 0:
         raise ValueError(f"{op}: absmax is empty; there is nothing to quantise")
-    return _ref.quantize_absmax(absmax, blocksize)
+    return _ops.nf4_quantize_absmax(absmax, _dynamic_code_on(absmax.device), blocksize)
 
 
-def dequantize_absmax(codes: Tensor, absmax2: Tensor, offset: Tensor,
-                      blocksize: int = 256) -> Tensor:
-    """fp32 absmax from its double quantisation: DYNAMIC_CODE[codes] * absmax2 + offset."""
+def dequantize_absmax(codes: Tensor, absmax2: Tensor, offset: Tensor, blocksize: int = 256,
+                      code: Tensor | None = None) -> Tensor:
+    """fp32 absmax from its double quantisation: code[codes] * absmax2 + offset.
+
+    Semantics (reference.dequantize_absmax); each step rounds to fp32 as bitsandbytes does.
+    `code` is the 8-bit map (a checkpoint's nested_quant_map); default DYNAMIC_CODE.
+    """
     op = "dequantize_absmax"
     _check_tensor(op, "codes", codes, (torch.uint8,))
     _check_tensor(op, "absmax2", absmax2, (torch.float32,))
@@ -135,7 +158,9 @@ def dequantize_absmax(codes: Tensor, absmax2: Tensor, offset: Tensor,
         raise ValueError(f"{op}: absmax2 has {absmax2.numel()} values but {codes.numel()} codes "
                          f"with blocksize {blocksize} need {blocks}")
     _check_same_device(op, ("codes", codes), ("absmax2", absmax2), ("offset", offset))
-    return _ref.dequantize_absmax(codes, absmax2, offset.reshape(()), blocksize)
+    table = _code_on(op, code, codes.device)
+    return _ops.nf4_dequantize_absmax(codes.reshape(-1), absmax2, offset.reshape(()), table,
+                                      blocksize)
 
 
 # ---------------------------------------------------------------- 4-bit matmul
@@ -173,7 +198,94 @@ def nf4_matmul(x: Tensor, packed: Tensor, absmax: Tensor, out_features: int, blo
     x and bias; backward recomputes from the packed weight (no dense copy is kept).
     """
     _check_matmul("nf4_matmul", x, packed, absmax, out_features, blocksize, bias)
-    return _ref.nf4_matmul(x, packed, absmax, out_features, blocksize, bias)
+    return _ops.nf4_matmul(x, packed, absmax, out_features, blocksize, bias)
+
+
+# ---------------------------------------------------------------- fakes
+
+
+@torch.library.register_fake("lora_ext::nf4_quantize")
+def _nf4_quantize_fake(x, blocksize):
+    n = x.numel()
+    return (x.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+            x.new_empty((-(-n // blocksize),), dtype=torch.float32))
+
+
+@torch.library.register_fake("lora_ext::nf4_dequantize")
+def _nf4_dequantize_fake(packed, absmax, shape, blocksize, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("lora_ext::nf4_matmul")
+def _nf4_matmul_fake(x, packed, absmax, out_features, blocksize, bias):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("lora_ext::nf4_matmul_grad_input")
+def _nf4_matmul_grad_input_fake(grad_y, packed, absmax, in_features, blocksize):
+    return grad_y.new_empty((*grad_y.shape[:-1], in_features))
+
+
+@torch.library.register_fake("lora_ext::nf4_quantize_absmax")
+def _nf4_quantize_absmax_fake(absmax, code, blocksize):
+    n = absmax.numel()
+    return (absmax.new_empty((n,), dtype=torch.uint8), absmax.new_empty((-(-n // blocksize),)),
+            absmax.new_empty(()))
+
+
+@torch.library.register_fake("lora_ext::nf4_dequantize_absmax")
+def _nf4_dequantize_absmax_fake(codes, absmax2, offset, code, blocksize):
+    return absmax2.new_empty((codes.numel(),))
+
+
+# ---------------------------------------------------------------- autograd
+# The weight is frozen (packed codes have no gradient): x and bias get gradients, and the
+# backward dequantises tiles of W again instead of keeping a dense copy.
+
+
+def _nf4_matmul_setup_context(ctx, inputs, output):
+    x, packed, absmax, out_features, blocksize, bias = inputs
+    ctx.save_for_backward(packed, absmax)
+    ctx.in_features = x.shape[-1]
+    ctx.blocksize = blocksize
+    ctx.out_features = out_features
+
+
+def _nf4_matmul_backward(ctx, grad_y):
+    packed, absmax = ctx.saved_tensors
+    need_x, _, _, _, _, need_bias = ctx.needs_input_grad
+    grad_x = grad_bias = None
+    if need_x:
+        grad_x = _ops.nf4_matmul_grad_input(grad_y, packed, absmax, ctx.in_features,
+                                            ctx.blocksize)
+    if need_bias:
+        grad_bias = grad_y.reshape(-1, ctx.out_features).sum(0)
+    return grad_x, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("lora_ext::nf4_matmul", _nf4_matmul_backward,
+                                setup_context=_nf4_matmul_setup_context)
+
+
+def _nf4_grad_input_setup_context(ctx, inputs, output):
+    grad_y, packed, absmax, in_features, blocksize = inputs
+    ctx.save_for_backward(packed, absmax)
+    ctx.out_features = grad_y.shape[-1]
+    ctx.blocksize = blocksize
+
+
+def _nf4_grad_input_backward(ctx, grad_grad_x):
+    # grad_x = grad_y @ W is linear in grad_y: its derivative is another nf4_matmul.
+    packed, absmax = ctx.saved_tensors
+    grad_grad_y = None
+    if ctx.needs_input_grad[0]:
+        grad_grad_y = _ops.nf4_matmul(grad_grad_x, packed, absmax, ctx.out_features,
+                                      ctx.blocksize, None)
+    return grad_grad_y, None, None, None, None
+
+
+torch.library.register_autograd("lora_ext::nf4_matmul_grad_input", _nf4_grad_input_backward,
+                                setup_context=_nf4_grad_input_setup_context)
 
 
 __all__ = ["ABSMAX_BLOCKSIZES", "DYNAMIC_CODE", "NF4_BLOCKSIZES", "NF4_CODE", "dequantize_absmax",
