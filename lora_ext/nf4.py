@@ -464,6 +464,9 @@ def quantize_model(model: nn.Module, target_modules: str | Iterable[str] = "all-
         if not all(isinstance(t, str) for t in target_modules):
             raise TypeError(f"quantize_model: target_modules must be a string or a list of strings, "
                             f"got {target_modules!r}")
+    if any(hasattr(m, "lora_A") and hasattr(m, "base_layer") for m in model.modules()):
+        raise ValueError("quantize_model: the model already holds LoRA layers; quantise the base model first, "
+                         "then add adapters (get_peft_model)")
     keep = _output_head_names(model) | set(skip_modules or ())
     replaced = 0
     for name, module in list(model.named_modules()):

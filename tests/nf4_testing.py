@@ -9,15 +9,16 @@ bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 
 
-def bnb_linear4bit(linear: nn.Linear, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4"):
+def bnb_linear4bit(linear: nn.Linear, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4",
+                   device: str = "cpu"):
     """A bitsandbytes Linear4bit quantised on the CPU from `linear` (bnb's own quantize_4bit)."""
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               compress_statistics=double_quant, quant_type=quant_type, device="meta")
     layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, blocksize=blocksize,
                                      compress_statistics=double_quant, quant_type=quant_type,
-                                     module=layer).to("cpu")
+                                     module=layer).to(device)
     if linear.bias is not None:
-        layer.bias = nn.Parameter(linear.bias.detach().clone())
+        layer.bias = nn.Parameter(linear.bias.detach().clone().to(device))
     # bnb repacks weights for its AVX512-BF16 CPU kernel in eval/no-grad, re-quantising the
     # nested absmax (lossy); keep it on its plain dequantise path for byte comparisons
     layer.support_avx512bf16_for_cpu = False

@@ -303,7 +303,9 @@ def test_fp4_quant_state_is_refused_by_name():
     with pytest.raises(ValueError, match="fp4"):
         NF4Linear(64, 16).load_state_dict(theirs.state_dict())
     with pytest.raises(ValueError, match="fp4"):
-        NF4Linear.from_bnb(theirs) if False else NF4Linear.from_state_dict(theirs.state_dict())
+        NF4Linear.from_state_dict(theirs.state_dict())
+    with pytest.raises(ValueError, match="fp4"):
+        NF4Linear.from_bnb(theirs)
     model = nn.Sequential(theirs)
     with pytest.raises(ValueError, match="quant_type 'fp4'"):
         quantize_model(model)
@@ -368,3 +370,26 @@ def test_construction_errors():
     with pytest.raises(TypeError, match="compute_dtype"):
         NF4Linear(4, 4, compute_dtype=torch.int8)
     assert "NF4Linear" in repr(lora_ext.NF4Linear(8, 4)) and "blocksize=64" in repr(NF4Linear(8, 4))
+
+
+def test_quantize_model_refuses_a_model_with_lora_layers():
+    model = lora_ext.get_peft_model(tiny_llama(), lora_ext.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already holds LoRA layers"):
+        quantize_model(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_cuda_layers_equal_cpu_and_bitsandbytes_cuda(double_quant):
+    linear = make_linear(96, 128)
+    cpu = NF4Linear.from_linear(linear, double_quant=double_quant)
+    gpu = NF4Linear.from_linear(copy.deepcopy(linear).cuda(), double_quant=double_quant)
+    assert_state_dicts_equal({k: v.cpu() for k, v in gpu.state_dict().items()}, cpu.state_dict())
+    assert_state_dicts_equal({k: v.cpu() for k, v in copy.deepcopy(cpu).cuda().state_dict().items()},
+                             cpu.state_dict())
+    theirs = bnb_linear4bit(linear, double_quant=double_quant, device="cuda")
+    assert_state_dicts_equal({k: v.cpu() for k, v in gpu.state_dict().items()},
+                             {k: v.cpu() for k, v in theirs.state_dict().items()})
+    x = torch.randn(9, 128, device="cuda")
+    oracle = _oracle(cpu, x.cpu())
+    assert_within_torch_error(gpu(x), theirs(x).detach(), oracle, what="NF4Linear on CUDA vs bitsandbytes")

@@ -506,3 +506,33 @@ def test_loftq_bad_input():
         replace_lora_weights_loftq(model, model_path="/nonexistent/folder")
     with pytest.raises(ValueError, match="pass model_path"):
         replace_lora_weights_loftq(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_qlora_trains_on_cuda_and_matches_the_cpu_forward(use_dora):
+    base = quantized_llama()
+    ours_cpu = get_peft_model(base, LoraConfig(**qlora_config(use_dora=use_dora)))
+    randomise_adapters(ours_cpu)
+    ours_gpu = copy.deepcopy(ours_cpu).cuda()
+    for key, value in ours_gpu.state_dict().items():
+        assert torch.equal(value.cpu(), ours_cpu.state_dict()[key]), key
+    torch.testing.assert_close(_cuda_logits(ours_gpu), logits(ours_cpu), rtol=1e-3, atol=1e-3)
+    params = [p for p in ours_gpu.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    ids = torch.randint(0, 128, (4, 16), device="cuda")
+    ours_gpu.train()
+    losses = []
+    for _ in range(6):
+        loss = ours_gpu(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
+def _cuda_logits(model: nn.Module) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=IDS.cuda()).logits.cpu()
