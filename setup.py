@@ -123,7 +123,8 @@ def extension(with_cuda: bool):
     # One orchestration file per family in csrc/, its CPU kernels in csrc/cpu/ and its
     # CUDA kernels in csrc/cuda/: new families join the build by adding files.
     sources = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("csrc/*.cpp"), *ROOT.glob("csrc/cpu/*.cpp")])
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    # No contraction of a*b+c into FMA: the NF4 kernels must round as bitsandbytes does.
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-ffp-contract=off"]
     macros = [("Py_LIMITED_API", "0x03090000")]
     if not with_cuda:
         return cpp_extension.CppExtension(

@@ -38,4 +38,21 @@ TORCH_LIBRARY(lora_ext, m) {
       "dora_linear_backward(Tensor grad_y, Tensor x, Tensor z, Tensor hm, Tensor weight, "
       "Tensor lora_A, Tensor lora_B, Tensor magnitude, Tensor weight_norm, float scaling, "
       "float dropout_p, int seed, int offset, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // NF4, bitsandbytes' layout: x flattened row-major -> (packed uint8 [ceil(n/2), 1], element
+  // 2k in the high nibble; absmax fp32 [ceil(n/blocksize)]).
+  m.def("nf4_quantize(Tensor x, int blocksize) -> (Tensor, Tensor)");
+  m.def("nf4_dequantize(Tensor packed, Tensor absmax, SymInt[] shape, int blocksize, "
+        "ScalarType dtype) -> Tensor");
+  // y = x @ dequant(W [out_features, x.shape[-1]]).T + bias, in x's dtype.
+  m.def("nf4_matmul(Tensor x, Tensor packed, Tensor absmax, int out_features, int blocksize, "
+        "Tensor? bias) -> Tensor");
+  // grad_x = grad_y @ dequant(W [grad_y.shape[-1], in_features]): nf4_matmul's backward.
+  m.def("nf4_matmul_grad_input(Tensor grad_y, Tensor packed, Tensor absmax, int in_features, "
+        "int blocksize) -> Tensor");
+  // Double quantisation of absmax: (codes uint8, absmax2 fp32, offset 0-d fp32), offset the
+  // mean, 8-bit blockwise codes of absmax - offset with the 256-entry `code`.
+  m.def("nf4_quantize_absmax(Tensor absmax, Tensor code, int blocksize) -> (Tensor, Tensor, Tensor)");
+  m.def("nf4_dequantize_absmax(Tensor codes, Tensor absmax2, Tensor offset, Tensor code, "
+        "int blocksize) -> Tensor");
 }

@@ -21,6 +21,8 @@ from .peft_model import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelF
                          PeftModelForFeatureExtraction, PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM,
                          PeftModelForSequenceClassification, PeftModelForTokenClassification, get_peft_model)
 from .serialization import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
+from .nf4 import NF4Linear, memory_footprint, quantize_model  # noqa: E402
+from .loftq import LoftQConfig, replace_lora_weights_loftq  # noqa: E402
 
 __version__ = (Path(__file__).parent / "VERSION").read_text().strip()
 
@@ -29,4 +31,5 @@ __all__ = ["BUILD_INFO", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftM
            "AutoPeftModelForTokenClassification", "LoraConfig", "PeftModel", "PeftModelForCausalLM",
            "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
            "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
-           "accelerate", "get_peft_model", "get_peft_model_state_dict", "ops", "restore", "set_peft_model_state_dict", "__version__"]
+           "LoftQConfig", "NF4Linear", "accelerate", "get_peft_model", "memory_footprint", "quantize_model",
+           "replace_lora_weights_loftq", "get_peft_model_state_dict", "ops", "restore", "set_peft_model_state_dict", "__version__"]

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 LAYER_KINDS = ("linear", "embedding", "conv2d")
 SVD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # init_lora_weights values PEFT has and this module does not (they need data or models).
-UNSUPPORTED_INITS = ("loftq", "corda", "eva", "mica", "orthogonal", "lora_ga")
+UNSUPPORTED_INITS = ("corda", "eva", "mica", "orthogonal", "lora_ga")
 
 
 def create_lora_parameters(layer_kind: str, in_features: int, out_features: int, r: int, *,
@@ -93,6 +93,8 @@ def _parse_init(init) -> tuple[str, int | None]:
         return "gaussian", None
     if init.lower() == "olora":
         return "olora", None
+    if init == "loftq":  # case-sensitive, as in PEFT
+        return "loftq", None
     if init.startswith("pissa"):  # case-sensitive, as in PEFT
         if init == "pissa":
             return "pissa", None
@@ -119,14 +121,16 @@ def _cpu_fp32_like(t: Tensor) -> Tensor:
 
 def init_lora_weights(lora_A: Tensor, lora_B: Tensor, init, *, base_weight: Tensor | None = None,
                       r: int, scaling: float, fan_in_fan_out: bool = False,
-                      layer_kind: str = "linear", lora_B_bias: Tensor | None = None) -> Tensor | None:
+                      layer_kind: str = "linear", lora_B_bias: Tensor | None = None,
+                      loftq_config=None) -> Tensor | None:
     """Initialise lora_A and lora_B in place as PEFT 0.21 does for `init`.
 
     init: True (linear/conv2d: A Kaiming-uniform with a = sqrt(5), B = 0; embedding: A = 0,
     B standard normal), "gaussian" (linear/conv2d: A ~ N(0, 1/r^2), B = 0; embedding: as
     True, PEFT ignores the string there), False (nothing: A and B keep their construction
     values, see create_lora_parameters, so the adapter is not a no-op), "pissa" /
-    "pissa_niter_<n>" and "olora" (linear only; need base_weight).
+    "pissa_niter_<n>" and "olora" (linear only; need base_weight), "loftq" (linear only; needs
+    base_weight and loftq_config, see lora_ext.loftq).
 
     For PiSSA and OLoRA returns the new base weight W - scaling * B @ A (computed in fp32,
     cast to base_weight's dtype, in base_weight's layout: [in, out] when fan_in_fan_out);
@@ -147,6 +151,9 @@ def init_lora_weights(lora_A: Tensor, lora_B: Tensor, init, *, base_weight: Tens
     if method == "none":
         return None
     if layer_kind == "embedding":
+        if method == "loftq":
+            raise ValueError("init_lora_weights: 'loftq' is supported for linear layers only (PEFT's LoftQ "
+                             "for embeddings fails)")
         if method in ("pissa", "olora"):
             warnings.warn(f"init_lora_weights: PEFT does not apply {init!r} to embedding layers; "
                           "using its default embedding initialisation (A = 0, B normal)",
@@ -168,6 +175,10 @@ def init_lora_weights(lora_A: Tensor, lora_B: Tensor, init, *, base_weight: Tens
     if layer_kind == "conv2d":
         raise ValueError(f"init_lora_weights: {init!r} is not supported for conv2d layers "
                          "(PEFT raises 'Unknown initialization' too)")
+    if method == "loftq":
+        from .loftq import loftq_layer_init
+        new_base = loftq_layer_init(lora_A, lora_B, base_weight, r, float(scaling), fan_in_fan_out, loftq_config)
+        return new_base.contiguous()
     return _svd_init(lora_A, lora_B, method, niter, base_weight, r, float(scaling), fan_in_fan_out)
 
 

@@ -17,6 +17,8 @@ from torch import nn
 
 from .config import LoraConfig
 from .layers import Conv2d, Embedding, Linear, LoraLayer, ModulesToSaveWrapper
+from .layers.nf4 import Linear4bit
+from .nf4 import NF4Linear, _is_bnb_linear4bit
 
 INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
@@ -97,7 +99,7 @@ def resolve_all_linear(config: LoraConfig, model: nn.Module) -> None:
     if not (isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
         return
     names = {name for name, module in model.named_modules()
-             if isinstance(module, _linear_classes()) or isinstance(module, Linear)}
+             if isinstance(module, (*_linear_classes(), Linear, NF4Linear))}
     exclude: set[str] = set()
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) and hasattr(model, "config") else None
@@ -236,6 +238,8 @@ class LoraModel(nn.Module):
         kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                       init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
                       use_dora=config.use_dora)
+        if config.init_lora_weights == "loftq":
+            kwargs["loftq_config"] = config.loftq_config
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, **kwargs)
             return
@@ -251,6 +255,14 @@ class LoraModel(nn.Module):
 
     @staticmethod
     def _create_new_module(config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
+        if isinstance(target, NF4Linear) or _is_bnb_linear4bit(target):
+            if config.fan_in_fan_out:
+                warnings.warn("fan_in_fan_out is set to True but the target module is a 4-bit Linear. "
+                              "Setting fan_in_fan_out to False.")
+                config.fan_in_fan_out = False
+            # a bitsandbytes Linear4bit becomes an NF4Linear holding the same bytes
+            base = target if isinstance(target, NF4Linear) else NF4Linear.from_bnb(target)
+            return Linear4bit(base, adapter_name, **kwargs)
         conv1d = _conv1d_class()
         if conv1d is not None and isinstance(target, conv1d):
             if not config.fan_in_fan_out:

@@ -92,10 +92,12 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        from .nf4 import NF4Linear
         trainable = total = 0
+        packed = {id(m.weight) for m in self.modules() if isinstance(m, NF4Linear)}
         for param in self.parameters():
             count = param.numel()
-            if param.__class__.__name__ == "Params4bit":  # bitsandbytes packs two weights per byte
+            if param.__class__.__name__ == "Params4bit" or id(param) in packed:  # two weights per byte
                 count *= 2 * getattr(param, "element_size", lambda: 1)()
             total += count
             if param.requires_grad:

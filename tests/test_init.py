@@ -183,8 +183,16 @@ def test_malformed_pissa_niter_is_rejected():
 
 
 def test_peft_inits_we_do_not_implement_say_so():
-    with pytest.raises(NotImplementedError, match="'loftq'"):
-        init_lora_weights(*_linear_factors(), "loftq", r=R, scaling=1.0)
+    with pytest.raises(NotImplementedError, match="'corda'"):
+        init_lora_weights(*_linear_factors(), "corda", r=R, scaling=1.0)
+
+
+def test_loftq_needs_its_config_and_a_base_weight():
+    with pytest.raises(ValueError, match="needs loftq_config"):
+        init_lora_weights(*_linear_factors(), "loftq", base_weight=torch.randn(20, 24), r=R, scaling=1.0)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16 base weight"):
+        init_lora_weights(*_linear_factors(), "loftq", r=R, scaling=1.0,
+                          loftq_config={"loftq_bits": 4, "loftq_iter": 1})
 
 
 def test_non_bool_non_string_init_is_rejected():

@@ -4,5 +4,6 @@ from .conv import Conv2d
 from .embedding import Embedding
 from .linear import Linear
 from .modules_to_save import ModulesToSaveWrapper
+from .nf4 import Linear4bit
 
-__all__ = ["Conv2d", "Embedding", "Linear", "LoraLayer", "ModulesToSaveWrapper"]
+__all__ = ["Conv2d", "Embedding", "Linear", "Linear4bit", "LoraLayer", "ModulesToSaveWrapper"]

@@ -132,7 +132,7 @@ class LoraLayer:
     def _dropout_module(self, p: float) -> nn.Module:
         return nn.Dropout(p=p) if p > 0.0 else nn.Identity()
 
-    def _initialise(self, adapter_name: str, init_lora_weights, layer_kind: str) -> None:
+    def _initialise(self, adapter_name: str, init_lora_weights, layer_kind: str, loftq_config=None) -> None:
         """Initialise A and B (and, for PiSSA/OLoRA, rewrite the base weight) as PEFT does."""
         if layer_kind == "embedding":
             lora_A, lora_B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
@@ -141,7 +141,7 @@ class LoraLayer:
         new_base = lora_init.init_lora_weights(
             lora_A, lora_B, init_lora_weights, base_weight=self.base_layer.weight, r=self.r[adapter_name],
             scaling=self.scaling[adapter_name], fan_in_fan_out=getattr(self, "fan_in_fan_out", False),
-            layer_kind=layer_kind)
+            layer_kind=layer_kind, loftq_config=loftq_config)
         if new_base is not None:
             self.base_layer.weight.data = new_base
 

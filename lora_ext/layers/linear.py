@@ -44,11 +44,13 @@ class Linear(nn.Module, LoraLayer):
         self._init_lora_state(base_layer, in_features, out_features)
         self.fan_in_fan_out = fan_in_fan_out
         self._dora_merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the norms used at merge time
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora,
+                          loftq_config=kwargs.get("loftq_config"))
         self.set_adapter(adapter_name)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
-                     init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False) -> None:
+                     init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False,
+                     loftq_config=None) -> None:
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
@@ -56,7 +58,7 @@ class Linear(nn.Module, LoraLayer):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
         self.use_dora[adapter_name] = bool(use_dora)
-        self._initialise(adapter_name, init_lora_weights, "linear")
+        self._initialise(adapter_name, init_lora_weights, "linear", loftq_config=loftq_config)
         self._move_adapter_to_base(adapter_name)
         if use_dora:
             self.lora_magnitude_vector[adapter_name] = dora.DoraMagnitude(self, adapter_name)

@@ -1,0 +1,381 @@
+#include "nf4.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../core/nf4.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define LORA_EXT_NF4_AVX2 1
+#define LORA_EXT_AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace lora_ext {
+namespace cpu {
+namespace {
+
+constexpr float kCode[core::kNF4Codes] = {LORA_EXT_NF4_CODE_VALUES};
+
+// Elements per SIMD step: 8 packed bytes. Blocksizes are multiples of 32, so a 16-aligned
+// group of elements never straddles two blocks.
+constexpr int64_t kGroup = 16;
+
+bool cpu_has_avx2() {
+#ifdef LORA_EXT_NF4_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// Storage conversions; both round to nearest even exactly as c10 does.
+template <typename T>
+inline T store_scalar(float v) {
+  return static_cast<T>(v);
+}
+template <>
+inline c10::BFloat16 store_scalar<c10::BFloat16>(float v) {
+  return c10::BFloat16(v);  // c10 rounds to nearest even, NaN -> 0x7FC0
+}
+
+template <typename T>
+inline float load_scalar(T v) {
+  return static_cast<float>(v);
+}
+
+// ---------------------------------------------------------------- quantize
+
+template <typename T>
+void quantize_blocks(const T* x, int64_t n, int64_t bs, uint8_t* packed, float* absmax,
+                     int64_t b0, int64_t b1) {
+  float bounds[core::kNF4Codes - 1];
+  core::nf4_bounds(kCode, bounds);
+  uint8_t codes[4096 + 2];  // blocksize <= 4096, plus the pad code
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t first = b * bs;
+    const int64_t len = std::min(bs, n - first);
+    const T* xb = x + first;
+    float m = 0.0f;
+    for (int64_t i = 0; i < len; ++i) m = core::absmax_fold(m, load_scalar(xb[i]));
+    absmax[b] = m;
+    const core::NF4Scaler scale = core::nf4_scaler(m, len < bs);
+    for (int64_t i = 0; i < len; ++i) codes[i] = core::nf4_encode(scale(load_scalar(xb[i])), bounds);
+    if (len & 1) codes[len] = core::kNF4PadCode;
+    uint8_t* out = packed + first / 2;  // blocks start at even elements
+    for (int64_t i = 0; i < len; i += 2) out[i / 2] = core::nf4_pack(codes[i], codes[i + 1]);
+  }
+}
+
+// ---------------------------------------------------------------- dequantize
+
+template <typename T>
+void dequant_scalar(const uint8_t* packed, const float* absmax, int bs_shift, int64_t e0, int64_t e1,
+                    T* out) {
+  for (int64_t e = e0; e < e1; ++e) {
+    out[e - e0] = store_scalar<T>(core::nf4_value(kCode, core::nf4_code_at(packed, e), absmax[e >> bs_shift]));
+  }
+}
+
+#ifdef LORA_EXT_NF4_AVX2
+// 16 dequantised fp32 values of elements e .. e+15 (e a multiple of 16).
+struct Lut16 {
+  __m256 lo, hi;
+};
+
+LORA_EXT_AVX2_FN inline Lut16 make_lut() {
+  return {_mm256_loadu_ps(kCode), _mm256_loadu_ps(kCode + 8)};
+}
+
+LORA_EXT_AVX2_FN inline __m256 lookup8(const Lut16& lut, __m256i idx) {
+  const __m256 a = _mm256_permutevar8x32_ps(lut.lo, idx);
+  const __m256 b = _mm256_permutevar8x32_ps(lut.hi, idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+LORA_EXT_AVX2_FN inline void values16(const Lut16& lut, const uint8_t* bytes, float scale,
+                                      __m256& v0, __m256& v1) {
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+  const __m128i lo = _mm_and_si128(raw, mask);
+  const __m128i nib = _mm_unpacklo_epi8(hi, lo);  // element order: high nibble first
+  const __m256 s = _mm256_set1_ps(scale);
+  v0 = _mm256_mul_ps(lookup8(lut, _mm256_cvtepu8_epi32(nib)), s);
+  v1 = _mm256_mul_ps(lookup8(lut, _mm256_cvtepu8_epi32(_mm_srli_si128(nib, 8))), s);
+}
+
+LORA_EXT_AVX2_FN inline __m128i bf16x8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  const __m256i packed = _mm256_packus_epi32(r, r);  // per 128-bit lane
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+
+template <typename T>
+LORA_EXT_AVX2_FN inline void store8(T* out, __m256 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(out, v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bf16x8(v));
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+template <typename T>
+LORA_EXT_AVX2_FN void dequant_avx2(const uint8_t* packed, const float* absmax, int bs_shift,
+                                   int64_t e0, int64_t e1, T* out) {
+  int64_t e = std::min(e1, (e0 + kGroup - 1) / kGroup * kGroup);
+  dequant_scalar(packed, absmax, bs_shift, e0, e, out);
+  const Lut16 lut = make_lut();
+  for (; e + kGroup <= e1; e += kGroup) {
+    __m256 v0, v1;
+    values16(lut, packed + e / 2, absmax[e >> bs_shift], v0, v1);
+    store8(out + (e - e0), v0);
+    store8(out + (e - e0) + 8, v1);
+  }
+  dequant_scalar(packed, absmax, bs_shift, e, e1, out + (e - e0));
+}
+#endif
+
+template <typename T>
+void dequant_range(const uint8_t* packed, const float* absmax, int bs_shift, int64_t e0, int64_t e1,
+                   T* out) {
+#ifdef LORA_EXT_NF4_AVX2
+  if (cpu_has_avx2()) return dequant_avx2(packed, absmax, bs_shift, e0, e1, out);
+#endif
+  dequant_scalar(packed, absmax, bs_shift, e0, e1, out);
+}
+
+// ---------------------------------------------------------------- GEMV
+
+// y[r, o] for rows [0, R) and outputs [o0, o1): one pass over each packed row.
+void gemv_scalar(const float* xf, int64_t rows, int64_t in, const uint8_t* packed,
+                 const float* absmax, int bs_shift, float* y, int64_t out, int64_t o0, int64_t o1) {
+  std::vector<float> w(static_cast<size_t>(in));
+  for (int64_t o = o0; o < o1; ++o) {
+    dequant_scalar(packed, absmax, bs_shift, o * in, (o + 1) * in, w.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = xf + r * in;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < in; ++k) acc += xr[k] * w[k];
+      y[r * out + o] = acc;
+    }
+  }
+}
+
+#ifdef LORA_EXT_NF4_AVX2
+LORA_EXT_AVX2_FN inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Up to kRows x rows per pass over a packed row, accumulators in registers.
+template <int kRows>
+LORA_EXT_AVX2_FN void gemv_rows_avx2(const float* xf, int64_t in, const uint8_t* packed,
+                                     const float* absmax, int bs_shift, float* y, int64_t out,
+                                     int64_t o) {
+  const Lut16 lut = make_lut();
+  const int64_t e0 = o * in, e1 = e0 + in;
+  const int64_t head_end = std::min(e1, (e0 + kGroup - 1) / kGroup * kGroup);
+  float scalar[kRows] = {};
+  for (int64_t e = e0; e < head_end; ++e) {
+    const float w = core::nf4_value(kCode, core::nf4_code_at(packed, e), absmax[e >> bs_shift]);
+    for (int r = 0; r < kRows; ++r) scalar[r] += xf[r * in + (e - e0)] * w;
+  }
+  __m256 acc0[kRows], acc1[kRows];
+  for (int r = 0; r < kRows; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  int64_t e = head_end;
+  for (; e + kGroup <= e1; e += kGroup) {
+    __m256 v0, v1;
+    values16(lut, packed + e / 2, absmax[e >> bs_shift], v0, v1);
+    const float* xk = xf + (e - e0);
+    for (int r = 0; r < kRows; ++r) {
+      acc0[r] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xk + r * in), acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xk + r * in + 8), acc1[r]);
+    }
+  }
+  for (; e < e1; ++e) {
+    const float w = core::nf4_value(kCode, core::nf4_code_at(packed, e), absmax[e >> bs_shift]);
+    for (int r = 0; r < kRows; ++r) scalar[r] += xf[r * in + (e - e0)] * w;
+  }
+  for (int r = 0; r < kRows; ++r) y[r * out + o] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + scalar[r];
+}
+
+LORA_EXT_AVX2_FN float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    for (int j = 0; j < 4; ++j) {
+      acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8 * j), _mm256_loadu_ps(b + k + 8 * j), acc[j]);
+    }
+  }
+  for (; k + 8 <= n; k += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc[0]);
+  float tail = 0.0f;
+  for (; k < n; ++k) tail += a[k] * b[k];
+  return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + tail;
+}
+
+LORA_EXT_AVX2_FN void gemv_avx2(const float* xf, int64_t rows, int64_t in, const uint8_t* packed,
+                                const float* absmax, int bs_shift, float* y, int64_t out, int64_t o0,
+                                int64_t o1) {
+  if (rows <= 4) {
+    // Every row's accumulators in registers: one pass over each packed row, nothing stored.
+    for (int64_t o = o0; o < o1; ++o) {
+      switch (rows) {
+        case 4: gemv_rows_avx2<4>(xf, in, packed, absmax, bs_shift, y, out, o); break;
+        case 3: gemv_rows_avx2<3>(xf, in, packed, absmax, bs_shift, y, out, o); break;
+        case 2: gemv_rows_avx2<2>(xf, in, packed, absmax, bs_shift, y, out, o); break;
+        default: gemv_rows_avx2<1>(xf, in, packed, absmax, bs_shift, y, out, o); break;
+      }
+    }
+    return;
+  }
+  // More rows: split the reduction into k-tiles whose x chunk (all rows) stays in L1 (about
+  // 32 KiB of fp32). Each tile of a packed row is decoded once into a small buffer that every
+  // row then dots with; partial sums accumulate in y. The packed weight is still read once.
+  const int64_t kt = std::max<int64_t>(64, (8192 / rows) / 64 * 64);
+  std::vector<float> wbuf(static_cast<size_t>(std::min(kt, in)));
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int64_t r = 0; r < rows; ++r) y[r * out + o] = 0.0f;
+  }
+  for (int64_t k0 = 0; k0 < in; k0 += kt) {
+    const int64_t len = std::min(kt, in - k0);
+    for (int64_t o = o0; o < o1; ++o) {
+      dequant_avx2<float>(packed, absmax, bs_shift, o * in + k0, o * in + k0 + len, wbuf.data());
+      for (int64_t r = 0; r < rows; ++r) y[r * out + o] += dot_avx2(xf + r * in + k0, wbuf.data(), len);
+    }
+  }
+}
+#endif
+
+// The three storage types of NF4 inputs and outputs (callers have checked the dtype).
+template <typename F>
+void dispatch_float(at::ScalarType type, F&& f) {
+  switch (type) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "nf4: unsupported dtype ", type, "; expected float32, float16 or bfloat16");
+  }
+}
+
+}  // namespace
+
+void nf4_quantize(const at::Tensor& x, int64_t blocksize, at::Tensor& packed, at::Tensor& absmax) {
+  const int64_t n = x.numel();
+  const int64_t blocks = absmax.numel();
+  uint8_t* p = packed.data_ptr<uint8_t>();
+  float* a = absmax.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / blocksize);
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* xs = x.data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      quantize_blocks(xs, n, blocksize, p, a, b0, b1);
+    });
+  });
+}
+
+void nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                    at::Tensor& out) {
+  const int64_t n = out.numel();
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const float* a = absmax.data_ptr<float>();
+  constexpr int64_t kChunk = 8192;  // elements per task, a multiple of the SIMD group
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  dispatch_float(out.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, 4, [&](int64_t c0, int64_t c1) {
+      const int64_t begin = c0 * kChunk, end = std::min(n, c1 * kChunk);
+      dequant_range(p, a, core::log2_pow2(blocksize), begin, end, o + begin);
+    });
+  });
+}
+
+void nf4_dequantize_2d(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                       int64_t row_len, int64_t row0, int64_t col0, at::Tensor& out) {
+  const int64_t rows = out.size(0), cols = out.size(1);
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const float* a = absmax.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  const int shift = core::log2_pow2(blocksize);
+  dispatch_float(out.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t e0 = (row0 + r) * row_len + col0;
+        dequant_range(p, a, shift, e0, e0 + cols, o + r * cols);
+      }
+    });
+  });
+}
+
+void nf4_gemv(const at::Tensor& xf, const at::Tensor& packed, const at::Tensor& absmax,
+              int64_t blocksize, at::Tensor& y) {
+  const int64_t rows = xf.size(0), in = xf.size(1), out = y.size(1);
+  const float* x = xf.data_ptr<float>();
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const float* a = absmax.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  // About 64 KiB of packed weight per task.
+  const int64_t grain = std::max<int64_t>(1, 131072 / std::max<int64_t>(in, 1));
+  const int shift = core::log2_pow2(blocksize);
+  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
+#ifdef LORA_EXT_NF4_AVX2
+    if (cpu_has_avx2()) return gemv_avx2(x, rows, in, p, a, shift, ys, out, o0, o1);
+#endif
+    gemv_scalar(x, rows, in, p, a, shift, ys, out, o0, o1);
+  });
+}
+
+void quantize_absmax(const at::Tensor& centred, const at::Tensor& code, int64_t blocksize,
+                     at::Tensor& codes, at::Tensor& absmax2) {
+  const int64_t n = centred.numel();
+  const float* c = centred.data_ptr<float>();
+  float mids[core::kDynamicCodes - 1];
+  core::dynamic_midpoints(code.data_ptr<float>(), mids);
+  uint8_t* q = codes.data_ptr<uint8_t>();
+  float* a2 = absmax2.data_ptr<float>();
+  at::parallel_for(0, absmax2.numel(), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t first = b * blocksize, len = std::min(blocksize, n - first);
+      float m = 0.0f;
+      for (int64_t i = 0; i < len; ++i) m = core::dynamic_absmax_fold(m, c[first + i]);
+      a2[b] = m;
+      core::dynamic_quantize_block(c + first, len, m, mids, q + first);
+    }
+  });
+}
+
+void dequantize_absmax(const at::Tensor& codes, const at::Tensor& absmax2, float offset,
+                       const at::Tensor& code, int64_t blocksize, at::Tensor& out) {
+  const int64_t n = codes.numel();
+  const uint8_t* q = codes.data_ptr<uint8_t>();
+  const float* a2 = absmax2.data_ptr<float>();
+  const float* table = code.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) o[i] = core::dynamic_dequantize(table, q[i], a2[i / blocksize], offset);
+  });
+}
+
+}  // namespace cpu
+}  // namespace lora_ext

@@ -1,0 +1,35 @@
+// CPU kernels of the NF4 family (ATen + at::parallel_for). The arithmetic is core/nf4.h's;
+// these add the loops, the SIMD lookups and the threading. All tensors are contiguous.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+namespace lora_ext {
+namespace cpu {
+
+// packed [ceil(n/2)] uint8 and absmax [ceil(n/blocksize)] fp32 of x (fp32/fp16/bf16).
+void nf4_quantize(const at::Tensor& x, int64_t blocksize, at::Tensor& packed, at::Tensor& absmax);
+
+// out (fp32/fp16/bf16, contiguous) = every element of the NF4 tensor, in order.
+void nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                    at::Tensor& out);
+
+// A slab of the NF4 tensor seen as [*, row_len]: out[i, j] (contiguous [R, C]) is element
+// (row0 + i) * row_len + col0 + j. The GEMM paths dequantise tiles of W this way.
+void nf4_dequantize_2d(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                       int64_t row_len, int64_t row0, int64_t col0, at::Tensor& out);
+
+// y [rows, out] fp32 = xf [rows, in] fp32 @ dequant(W [out, in]).T, streaming the packed
+// weight once with no dense copy (the decode path).
+void nf4_gemv(const at::Tensor& xf, const at::Tensor& packed, const at::Tensor& absmax,
+              int64_t blocksize, at::Tensor& y);
+
+// 8-bit blockwise quantisation of centred absmax values with a 256-entry sorted code.
+void quantize_absmax(const at::Tensor& centred, const at::Tensor& code, int64_t blocksize,
+                     at::Tensor& codes, at::Tensor& absmax2);
+
+// absmax = code[codes] * absmax2 + offset (fp32).
+void dequantize_absmax(const at::Tensor& codes, const at::Tensor& absmax2, float offset,
+                       const at::Tensor& code, int64_t blocksize, at::Tensor& out);
+
+}  // namespace cpu
+}  // namespace lora_ext

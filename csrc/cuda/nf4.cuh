@@ -1,0 +1,42 @@
+// CUDA kernels of the NF4 family: raw pointers and a stream in, no torch. The arithmetic is
+// core/nf4.h's, so the GPU rounds exactly as the CPU kernels and bitsandbytes do. The GEMM
+// path (dequantised tiles through cuBLAS) is orchestrated from csrc/nf4.cpp.
+#pragma once
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#include "lora_linear.cuh"  // DType
+
+namespace lora_ext {
+namespace cuda {
+
+// packed [ceil(n/2)] and absmax [ceil(n/blocksize)] of x (fp32/fp16/bf16, contiguous).
+cudaError_t launch_nf4_quantize(DType dtype, const void* x, int64_t n, int64_t blocksize,
+                                uint8_t* packed, float* absmax, cudaStream_t stream);
+
+// out[i, j] (contiguous [rows, cols], dtype) = element (row0 + i) * row_len + col0 + j of the
+// NF4 tensor; a flat dequantisation is rows = 1, cols = n.
+cudaError_t launch_nf4_dequantize_2d(DType dtype, const uint8_t* packed, const float* absmax,
+                                     int64_t blocksize, int64_t row_len, int64_t row0,
+                                     int64_t col0, int64_t rows, int64_t cols, void* out,
+                                     cudaStream_t stream);
+
+// y [rows, out] = x [rows, in] @ dequant(W [out, in]).T + bias, all of dtype, fp32
+// accumulation; one warp per output feature reads its packed row once. rows <= kGemvMaxRows.
+constexpr int kGemvMaxRows = 8;
+cudaError_t launch_nf4_gemv(DType dtype, const void* x, int64_t rows, int64_t in,
+                            const uint8_t* packed, const float* absmax, int64_t blocksize,
+                            const void* bias, void* y, int64_t out, cudaStream_t stream);
+
+// codes and absmax2 of centred fp32 values c[n] (8-bit blockwise, 256-entry sorted code).
+cudaError_t launch_quantize_absmax(const float* centred, int64_t n, const float* code,
+                                   int64_t blocksize, uint8_t* codes, float* absmax2,
+                                   cudaStream_t stream);
+
+// out[i] = code[codes[i]] * absmax2[i / blocksize] + *offset.
+cudaError_t launch_dequantize_absmax(const uint8_t* codes, int64_t n, const float* absmax2,
+                                     const float* offset, const float* code, int64_t blocksize,
+                                     float* out, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace lora_ext
