@@ -24,4 +24,14 @@ TORCH_LIBRARY(lora_ext, m) {
       " -> (Tensor, Tensor, Tensor)");
   // The keep mask (bool, shape and device of `like`) that the two ops above use.
   m.def("dropout_mask(Tensor like, float dropout_p, int seed, int offset) -> Tensor");
+  // BGMV / SGMV: many adapters in one batch (row t uses adapter idx[t]; -1 = none).
+  //   z[t] = x[t] @ lora_A[idx[t]].T                        (0 where idx[t] = -1)
+  //   out[t] = y[t] + scale[idx[t]] * z[t] @ lora_B[idx[t]].T  (y[t] where idx[t] = -1)
+  m.def("lora_shrink(Tensor x, Tensor lora_A, Tensor idx) -> Tensor");
+  m.def("lora_expand(Tensor y, Tensor z, Tensor lora_B, Tensor idx, Tensor scale) -> Tensor");
+  // The same with segments: rows seg_starts[s] .. seg_starts[s + 1] use seg_adapter[s].
+  m.def("lora_shrink_sgmv(Tensor x, Tensor lora_A, Tensor seg_starts, Tensor seg_adapter) -> Tensor");
+  m.def(
+      "lora_expand_sgmv(Tensor y, Tensor z, Tensor lora_B, Tensor seg_starts, Tensor seg_adapter, "
+      "Tensor scale) -> Tensor");
 }
