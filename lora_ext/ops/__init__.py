@@ -5,5 +5,8 @@ kernel family. Schemas live in csrc/registration.cpp; the semantics of each op i
 function of the same name in lora_ext.reference.
 """
 from ._lora_linear import dropout_mask, lora_linear
+from ._bgmv import (lora_expand, lora_expand_sgmv, lora_shrink, lora_shrink_sgmv,  # noqa: E402
+                    segments_from_idx)
 
-__all__ = ["dropout_mask", "lora_linear"]
+__all__ = ["dropout_mask", "lora_linear", "lora_expand", "lora_expand_sgmv", "lora_shrink",
+           "lora_shrink_sgmv", "segments_from_idx"]
