@@ -6,3 +6,4 @@ and one module per further family); importing the package registers all of them.
 from ._harness import *  # noqa: F401,F403  (the public harness API)
 from . import lora  # noqa: F401,E402  (registers the "lora" family)
 from . import llama_train  # noqa: F401,E402  (registers the "llama_train" family)
+from . import bgmv  # noqa: F401,E402  (registers the "bgmv" family)
