@@ -201,13 +201,11 @@ def mixed_batch_embedding(layer, ids: torch.Tensor, result: torch.Tensor, adapte
     batch, tokens = len(adapter_names), ids.numel() // len(adapter_names)
     token_slots = idx.repeat_interleave(tokens)
     flat_ids = ids.reshape(-1)
-    padding_idx = layer.base_layer.padding_idx
     # pool.lora_A is [N, r, num_embeddings] (Embedding's A layout): token t takes column
-    # ids[t] of its adapter's A, which is what PEFT's F.embedding(ids, A.T) looks up.
+    # ids[t] of its adapter's A, which is what PEFT's F.embedding(ids, A.T) looks up
+    # (padding_idx only stops gradients there; the lookup itself is not zeroed).
     z = pool.lora_A[token_slots.clamp(min=0), :, flat_ids]  # [T, r]
     z = torch.where((token_slots >= 0).unsqueeze(-1), z, torch.zeros_like(z))
-    if padding_idx is not None:  # F.embedding maps padding_idx to zeros, as PEFT's lookup does
-        z = torch.where((flat_ids == padding_idx).unsqueeze(-1), torch.zeros_like(z), z)
     y2d = result.reshape(batch * tokens, layer.out_features)
     embed_scale = getattr(layer.base_layer, "embed_scale", None)
     if isinstance(embed_scale, torch.Tensor):  # scaled embeddings (Gemma) scale the adapter term too
