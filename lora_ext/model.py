@@ -453,8 +453,9 @@ class LoraModel(nn.Module):
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
-        for _, layer in self.lora_layers():
-            if layer.merged:
+        modules = list(self.model.modules())  # one walk of the module tree per call
+        for layer in modules:
+            if isinstance(layer, LoraLayer) and layer.merged:
                 raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
                                  "`unmerge_adapter` first.")
         if any(self.peft_config[name].use_dora for name in set(adapter_names) - {"__base__"}):
@@ -470,12 +471,12 @@ class LoraModel(nn.Module):
             return args, kwargs
 
         try:
-            for _, layer in self.lora_layers():
+            for layer in modules:
                 if isinstance(layer, (Linear, Embedding)):
                     serving.layer_pool(layer, adapter_names)
                     layer._adapter_pool_synced = True
                     synced.append(layer)
-            for module in self.model.modules():
+            for module in modules:
                 if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
                     handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             yield

@@ -24,9 +24,14 @@ _MAX_CACHED_BATCHES = 16
 
 
 def _adapter_tensors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(A as [r, in], B as [out, r]) of one adapter of a Linear/Conv1D or Embedding layer."""
-    if name in layer.lora_A:
-        return layer.lora_A[name].weight, layer.lora_B[name].weight
+    """(A as [r, in], B as [out, r]) of one adapter of a Linear/Conv1D or Embedding layer.
+
+    Reads the containers' dicts directly: this runs for every adapter of every layer once
+    per call, where nn.Module attribute lookups would cost more than the kernels.
+    """
+    module_A = layer.lora_A._modules.get(name)
+    if module_A is not None:
+        return module_A._parameters["weight"], layer.lora_B._modules[name]._parameters["weight"]
     if name in layer.lora_embedding_A:
         # Embedding keeps A as [r, num_embeddings]; a lookup of a token id is a column of it.
         return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
@@ -107,7 +112,8 @@ class AdapterPool:
 
     def sync(self, layer, names) -> None:
         """Bring the named adapters (and deletions) in line with the layer's parameters."""
-        for name in [n for n in self.slots if _adapter_tensors(layer, n) is None]:
+        stale = self.slots.keys() - layer.lora_A._modules.keys() - set(layer.lora_embedding_A.keys())
+        for name in stale:
             self.remove(name)
         for name in names:
             tensors = _adapter_tensors(layer, name)
@@ -115,7 +121,7 @@ class AdapterPool:
                 continue
             lora_A, lora_B = tensors
             key = (lora_A.data_ptr(), lora_A._version, lora_B.data_ptr(), lora_B._version,
-                   float(layer.scaling[name]), tuple(lora_A.shape))
+                   layer.scaling[name], lora_A.shape)
             if self._keys.get(name) != key:
                 self.load(name, lora_A, lora_B, layer.scaling[name])
                 self._keys[name] = key
@@ -148,6 +154,9 @@ class AdapterPool:
 def layer_pool(layer, adapter_names=None) -> AdapterPool:
     """The layer's pool (created on first use, rebuilt if the layer moved device or dtype),
     with the adapters of adapter_names (default: all) brought up to date."""
+    pool = getattr(layer, "_adapter_pool", None)
+    if pool is not None and getattr(layer, "_adapter_pool_synced", False):
+        return pool  # brought up to date for this forward/generate call already
     names = list(layer.lora_A) + list(layer.lora_embedding_A)
     if names:
         reference = _adapter_tensors(layer, names[0])[0]
@@ -156,13 +165,11 @@ def layer_pool(layer, adapter_names=None) -> AdapterPool:
         weight = layer.base_layer.weight
         device = weight.device
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-    pool = getattr(layer, "_adapter_pool", None)
     if pool is None or pool.device != device or pool.dtype != dtype:
         pool = AdapterPool(layer.in_features, layer.out_features, device, dtype)
         layer._adapter_pool = pool
-    if not getattr(layer, "_adapter_pool_synced", False):
-        wanted = names if adapter_names is None else [n for n in dict.fromkeys(adapter_names) if n != BASE_NAME]
-        pool.sync(layer, wanted)
+    wanted = names if adapter_names is None else [n for n in dict.fromkeys(adapter_names) if n != BASE_NAME]
+    pool.sync(layer, wanted)
     return pool
 
 

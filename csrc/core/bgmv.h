@@ -94,20 +94,55 @@ inline void bgmv_shrink_rows(const T* x, int64_t in, const T* A, int64_t r, cons
 }
 
 // expand for `count` rows that share one adapter with [out, r] slab B (nullptr: no adapter):
-// y[rows[i], o] += scale * z[rows[i], :] . B[o, :]. Output-major, so each B row is read
-// once for all the rows.
-template <typename T, typename Load, typename Store>
+// y[rows[i], o] += scale * sum_j z[rows[i], j] * B[o, j], the sum taken in order j = 0..r-1
+// (as each CUDA thread takes it). B is first transposed into scratch
+// (bgmv_expand_scratch(out, r) Acc values), so that the inner loops run over contiguous outputs with no reductions: they
+// vectorise, and B is read once for all the rows.
+// Row stride of the transposed slab: out rounded up plus an odd number of cache lines, so
+// that the r rows written together by the transposition do not all map to one cache set
+// (a power-of-two stride makes every write of a column miss).
+inline int64_t bgmv_transposed_stride(int64_t out) { return (out + 15) / 16 * 16 + 16; }
+
+// Acc values expand needs as scratch.
+inline int64_t bgmv_expand_scratch(int64_t out, int64_t r) {
+  return r * bgmv_transposed_stride(out) + out;
+}
+
+template <typename T, typename Acc, typename Load, typename Store>
 inline void bgmv_expand_rows(T* y, int64_t out, const T* z, int64_t r, const T* B, float scale,
-                             const int64_t* rows, int64_t count, Load load, Store store) {
-  using Acc = typename BgmvAcc<T>::type;
+                             const int64_t* rows, int64_t count, Acc* scratch, Load load,
+                             Store store) {
   if (B == nullptr) return;
-  for (int64_t o = 0; o < out; ++o) {
-    const T* Bo = B + o * r;
+  if (count <= 2) {  // too few rows to repay the transposition: one dot over r per output
+    const Acc s = static_cast<Acc>(scale);
     for (int64_t i = 0; i < count; ++i) {
-      T* yo = y + rows[i] * out + o;
-      const Acc sum = bgmv_dot<Acc>(z + rows[i] * r, Bo, r, 0, 1, load);
-      *yo = store(load(*yo) + static_cast<Acc>(scale) * sum);
+      const T* zr = z + rows[i] * r;
+      T* yr = y + rows[i] * out;
+      for (int64_t o = 0; o < out; ++o) {
+        Acc sum = Acc(0);
+        for (int64_t j = 0; j < r; ++j) sum += load(zr[j]) * load(B[o * r + j]);
+        yr[o] = store(load(yr[o]) + s * sum);
+      }
     }
+    return;
+  }
+  const int64_t ld = bgmv_transposed_stride(out);
+  Acc* Bt = scratch;            // [r, ld]
+  Acc* acc = scratch + r * ld;  // [out]
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t j = 0; j < r; ++j) Bt[j * ld + o] = load(B[o * r + j]);
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const T* zr = z + rows[i] * r;
+    for (int64_t o = 0; o < out; ++o) acc[o] = Acc(0);
+    for (int64_t j = 0; j < r; ++j) {
+      const Acc zj = load(zr[j]);
+      const Acc* Bj = Bt + j * ld;
+      for (int64_t o = 0; o < out; ++o) acc[o] += zj * Bj[o];
+    }
+    T* yr = y + rows[i] * out;
+    const Acc s = static_cast<Acc>(scale);
+    for (int64_t o = 0; o < out; ++o) yr[o] = store(load(yr[o]) + s * acc[o]);
   }
 }
 

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../core/bgmv.h"
@@ -14,7 +15,7 @@ namespace {
 
 // Rows per work item: each item reuses one adapter's slab across this many rows, and the
 // items are what the threads share out.
-constexpr int64_t kRowsPerItem = 16;
+constexpr int64_t kRowsPerItem = 32;
 
 struct Item {
   int64_t group, begin, end;  // positions in RowGroups::order
@@ -43,6 +44,58 @@ float to_acc(T v) {
   return static_cast<float>(v);
 }
 inline double to_acc(double v) { return v; }
+
+template <typename T>
+using acc_of = decltype(to_acc(T()));
+
+template <typename T>
+struct Load {
+  acc_of<T> operator()(T v) const { return to_acc(v); }
+};
+template <typename T>
+struct Store {
+  T operator()(acc_of<T> v) const { return static_cast<T>(v); }
+};
+
+// fp32, the serving dtype on CPUs, also gets an AVX2 build of the same code, picked at load
+// time (no FMA contraction under ISO C++, so both builds give the same bits).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LORA_EXT_BGMV_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LORA_EXT_BGMV_CLONES
+#endif
+
+LORA_EXT_BGMV_CLONES void shrink_item_f32(const float* x, int64_t in, const float* A, int64_t r,
+                                          const int64_t* rows, int64_t count, float* z) {
+  core::bgmv_shrink_rows(x, in, A, r, rows, count, z, Load<float>(), Store<float>());
+}
+
+LORA_EXT_BGMV_CLONES void expand_item_f32(float* y, int64_t out, const float* z, int64_t r,
+                                          const float* B, float scale, const int64_t* rows,
+                                          int64_t count, float* scratch) {
+  core::bgmv_expand_rows(y, out, z, r, B, scale, rows, count, scratch, Load<float>(),
+                         Store<float>());
+}
+
+template <typename T>
+void shrink_item(const T* x, int64_t in, const T* A, int64_t r, const int64_t* rows, int64_t count,
+                 T* z) {
+  if constexpr (std::is_same_v<T, float>) {
+    shrink_item_f32(x, in, A, r, rows, count, z);
+  } else {
+    core::bgmv_shrink_rows(x, in, A, r, rows, count, z, Load<T>(), Store<T>());
+  }
+}
+
+template <typename T>
+void expand_item(T* y, int64_t out, const T* z, int64_t r, const T* B, float scale,
+                 const int64_t* rows, int64_t count, acc_of<T>* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    expand_item_f32(y, out, z, r, B, scale, rows, count, scratch);
+  } else {
+    core::bgmv_expand_rows(y, out, z, r, B, scale, rows, count, scratch, Load<T>(), Store<T>());
+  }
+}
 
 }  // namespace
 
@@ -120,10 +173,8 @@ void grouped_shrink(const at::Tensor& x, const at::Tensor& lora_A, const RowGrou
                      [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const Item& item = items[i];
-        core::bgmv_shrink_rows(
-            xp, in, ap + slots[item.group] * r * in, r, order + item.begin, item.end - item.begin,
-            zp, [](scalar_t v) { return to_acc(v); },
-            [](decltype(to_acc(scalar_t())) v) { return static_cast<scalar_t>(v); });
+        shrink_item(xp, in, ap + slots[item.group] * r * in, r, order + item.begin,
+                    item.end - item.begin, zp);
       }
     });
   });
@@ -143,13 +194,12 @@ void grouped_expand(at::Tensor& y, const at::Tensor& z, const at::Tensor& lora_B
     const scalar_t* bp = lora_B.const_data_ptr<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(items.size()), grain_for(r * out),
                      [&](int64_t i0, int64_t i1) {
+      std::vector<acc_of<scalar_t>> scratch(static_cast<size_t>(core::bgmv_expand_scratch(out, r)));
       for (int64_t i = i0; i < i1; ++i) {
         const Item& item = items[i];
         const int64_t slot = slots[item.group];
-        core::bgmv_expand_rows(
-            yp, out, zp, r, bp + slot * out * r, sp[slot], order + item.begin,
-            item.end - item.begin, [](scalar_t v) { return to_acc(v); },
-            [](decltype(to_acc(scalar_t())) v) { return static_cast<scalar_t>(v); });
+        expand_item(yp, out, zp, r, bp + slot * out * r, sp[slot], order + item.begin,
+                    item.end - item.begin, scratch.data());
       }
     });
   });

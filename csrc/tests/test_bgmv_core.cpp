@@ -67,13 +67,13 @@ static void test_shrink_expand_against_naive() {
   const std::vector<int64_t> slots = {1, -1, 0, 2, 1, 0, -1};
   std::vector<int64_t> offsets(n + 1), order(rows);
   bgmv_group_rows(slots.data(), rows, n, offsets.data(), order.data());
-  std::vector<double> z(rows * r, 0.0), y2 = y;
+  std::vector<double> z(rows * r, 0.0), y2 = y, scratch(bgmv_expand_scratch(out, r));
   auto id = [](double v) { return v; };
   for (int64_t a = 0; a < n; ++a) {
     const int64_t count = offsets[a + 1] - offsets[a];
     bgmv_shrink_rows(x.data(), in, A.data() + a * r * in, r, order.data() + offsets[a], count, z.data(), id, id);
     bgmv_expand_rows(y2.data(), out, z.data(), r, B.data() + a * out * r, scale[a], order.data() + offsets[a],
-                     count, id, id);
+                     count, scratch.data(), id, id);
   }
   for (int64_t t = 0; t < rows; ++t) {
     const int64_t a = slots[t];
