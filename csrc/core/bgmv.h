@@ -105,7 +105,7 @@ inline int64_t bgmv_transposed_stride(int64_t out) { return (out + 15) / 16 * 16
 
 // Acc values expand needs as scratch.
 inline int64_t bgmv_expand_scratch(int64_t out, int64_t r) {
-  return r * bgmv_transposed_stride(out) + out;
+  return r * bgmv_transposed_stride(out) + r;
 }
 
 template <typename T, typename Acc, typename Load, typename Store>
@@ -128,21 +128,33 @@ inline void bgmv_expand_rows(T* y, int64_t out, const T* z, int64_t r, const T* 
   }
   const int64_t ld = bgmv_transposed_stride(out);
   Acc* Bt = scratch;            // [r, ld]
-  Acc* acc = scratch + r * ld;  // [out]
+  Acc* acc = scratch + r * ld;  // z of the current row, as Acc
   for (int64_t o = 0; o < out; ++o) {
     for (int64_t j = 0; j < r; ++j) Bt[j * ld + o] = load(B[o * r + j]);
   }
+  // Outputs in blocks of kBlock accumulators, which stay in registers across the r terms.
+  constexpr int64_t kBlock = 32;
+  const Acc s = static_cast<Acc>(scale);
   for (int64_t i = 0; i < count; ++i) {
     const T* zr = z + rows[i] * r;
-    for (int64_t o = 0; o < out; ++o) acc[o] = Acc(0);
-    for (int64_t j = 0; j < r; ++j) {
-      const Acc zj = load(zr[j]);
-      const Acc* Bj = Bt + j * ld;
-      for (int64_t o = 0; o < out; ++o) acc[o] += zj * Bj[o];
-    }
     T* yr = y + rows[i] * out;
-    const Acc s = static_cast<Acc>(scale);
-    for (int64_t o = 0; o < out; ++o) yr[o] = store(load(yr[o]) + s * acc[o]);
+    for (int64_t j = 0; j < r; ++j) acc[j] = load(zr[j]);
+    int64_t o0 = 0;
+    for (; o0 + kBlock <= out; o0 += kBlock) {
+      Acc part[kBlock];
+      for (int64_t k = 0; k < kBlock; ++k) part[k] = Acc(0);
+      for (int64_t j = 0; j < r; ++j) {
+        const Acc zj = acc[j];
+        const Acc* Bj = Bt + j * ld + o0;
+        for (int64_t k = 0; k < kBlock; ++k) part[k] += zj * Bj[k];
+      }
+      for (int64_t k = 0; k < kBlock; ++k) yr[o0 + k] = store(load(yr[o0 + k]) + s * part[k]);
+    }
+    for (int64_t o = o0; o < out; ++o) {
+      Acc sum = Acc(0);
+      for (int64_t j = 0; j < r; ++j) sum += acc[j] * Bt[j * ld + o];
+      yr[o] = store(load(yr[o]) + s * sum);
+    }
   }
 }
 

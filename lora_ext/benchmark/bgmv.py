@@ -212,7 +212,7 @@ register_family(Family(
     measures="one no-grad forward (decode: 1 token per row, no KV cache; prefill: seq tokens per row)",
     presets={
         "quick": dict(features=512, tokens=(16, 64), dtypes=("float32",), ranks=16, dropouts=0.0,
-                      adapters=(1, 16, 64), seqs=(1, 32), layers=4),
+                      adapters=(1, 16, 64), seqs=(1, 16), layers=4),
         "full": dict(features=(512, 1024), tokens=(16, 32, 64), dtypes=("float32", "bfloat16"), ranks=16,
                      dropouts=0.0, adapters=(1, 4, 16, 64), seqs=(1, 32, 128), layers=4),
     },
