@@ -55,4 +55,14 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def("nf4_quantize_absmax(Tensor absmax, Tensor code, int blocksize) -> (Tensor, Tensor, Tensor)");
   m.def("nf4_dequantize_absmax(Tensor codes, Tensor absmax2, Tensor offset, Tensor code, "
         "int blocksize) -> Tensor");
+  // BGMV / SGMV: many adapters in one batch (row t uses adapter idx[t]; -1 = none).
+  //   z[t] = x[t] @ lora_A[idx[t]].T                        (0 where idx[t] = -1)
+  //   out[t] = y[t] + scale[idx[t]] * z[t] @ lora_B[idx[t]].T  (y[t] where idx[t] = -1)
+  m.def("lora_shrink(Tensor x, Tensor lora_A, Tensor idx) -> Tensor");
+  m.def("lora_expand(Tensor y, Tensor z, Tensor lora_B, Tensor idx, Tensor scale) -> Tensor");
+  // The same with segments: rows seg_starts[s] .. seg_starts[s + 1] use seg_adapter[s].
+  m.def("lora_shrink_sgmv(Tensor x, Tensor lora_A, Tensor seg_starts, Tensor seg_adapter) -> Tensor");
+  m.def(
+      "lora_expand_sgmv(Tensor y, Tensor z, Tensor lora_B, Tensor seg_starts, Tensor seg_adapter, "
+      "Tensor scale) -> Tensor");
 }

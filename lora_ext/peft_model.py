@@ -116,7 +116,8 @@ class PeftModel(nn.Module):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any):
-        with self.base_model._enable_peft_forward_hooks(kwargs.pop("adapter_names", None)):
+        with self.base_model._enable_peft_forward_hooks(kwargs.pop("adapter_names", None),
+                                                        num_beams=kwargs.get("num_beams")):
             return self.get_base_model().generate(*args, **kwargs)
 
     @contextmanager

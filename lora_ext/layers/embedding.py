@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dora
+from .. import serving
 from .base import LoraLayer
 
 
@@ -93,11 +94,7 @@ class Embedding(nn.Module, LoraLayer):
         if adapter_names is not None:
             self._check_adapter_names(x, adapter_names)
             result = self.base_layer(x, *args, **kwargs)
-            for name in dict.fromkeys(adapter_names):
-                if name in self.lora_embedding_A:
-                    rows = [i for i, n in enumerate(adapter_names) if n == name]
-                    result[rows] += self._adapter_output(x[rows], name).to(result.dtype)
-            return result
+            return serving.mixed_batch_embedding(self, x, result, adapter_names)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result

@@ -3,7 +3,8 @@
 The first active adapter runs through the fused kernel (base GEMM, Philox dropout,
 A, B and scaling in one op that keeps only x and z = drop(x)·Aᵀ for backward). Any
 further active adapters, autocast regions and mixed-batch calls take the plain
-PyTorch formulation PEFT uses, with the same numbers.
+PyTorch formulation PEFT uses, with the same numbers. Mixed batches (adapter_names)
+run through lora_ext.serving's adapter pool and the BGMV/SGMV kernels.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import ops
+from .. import ops, serving
 from . import dora
 from .base import LoraLayer
 
@@ -161,14 +162,10 @@ class Linear(nn.Module, LoraLayer):
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any,
                              **kwargs: Any) -> torch.Tensor:
+        """Row i with adapter adapter_names[i]: the base output plus one BGMV/SGMV shrink and
+        expand over the layer's adapter pool, whatever the number of distinct adapters."""
         result = self.base_layer(x, *args, **kwargs)
-        result_dtype = result.dtype
-        for name in dict.fromkeys(adapter_names):
-            if name not in self.lora_A:
-                continue
-            rows = [i for i, n in enumerate(adapter_names) if n == name]
-            result[rows] += self._adapter_output(x[rows], name).to(result_dtype)
-        return result
+        return serving.mixed_batch_linear(self, x, result, adapter_names)
 
     def __repr__(self) -> str:
         return "lora_ext." + super().__repr__()
