@@ -124,18 +124,21 @@ def extension(with_cuda: bool):
     # CUDA kernels in csrc/cuda/: new families join the build by adding files.
     sources = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("csrc/*.cpp"), *ROOT.glob("csrc/cpu/*.cpp")])
     # No contraction of a*b+c into FMA: the NF4 kernels must round as bitsandbytes does.
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-ffp-contract=off"]
+    # -fopenmp: at::parallel_for is an inline OpenMP loop in ATen's headers; without the flag
+    # it runs on one thread. The .so then needs libgomp.so.1, which torch itself loads.
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-ffp-contract=off", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     macros = [("Py_LIMITED_API", "0x03090000")]
     if not with_cuda:
         return cpp_extension.CppExtension(
             "lora_ext._C", sources, extra_compile_args={"cxx": cxx_flags},
-            define_macros=macros, py_limited_api=True)
+            extra_link_args=link_flags, define_macros=macros, py_limited_api=True)
     sources += sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("csrc/cuda/*.cu"))
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     return cpp_extension.CUDAExtension(
         "lora_ext._C", sources,
         extra_compile_args={"cxx": cxx_flags + ["-DLORA_EXT_WITH_CUDA"], "nvcc": nvcc_flags},
-        define_macros=macros, py_limited_api=True)
+        extra_link_args=link_flags, define_macros=macros, py_limited_api=True)
 
 
 WITH_CUDA = want_cuda()
