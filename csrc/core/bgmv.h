@@ -115,10 +115,21 @@ inline void bgmv_expand_rows(T* y, int64_t out, const T* z, int64_t r, const T* 
   if (B == nullptr) return;
   if (count <= 2) {  // too few rows to repay the transposition: one dot over r per output
     const Acc s = static_cast<Acc>(scale);
+    constexpr int64_t kOut = 8;  // outputs at once: independent sums the compiler can vectorise
     for (int64_t i = 0; i < count; ++i) {
       const T* zr = z + rows[i] * r;
       T* yr = y + rows[i] * out;
-      for (int64_t o = 0; o < out; ++o) {
+      int64_t o0 = 0;
+      for (; o0 + kOut <= out; o0 += kOut) {
+        Acc part[kOut];
+        for (int64_t k = 0; k < kOut; ++k) part[k] = Acc(0);
+        for (int64_t j = 0; j < r; ++j) {
+          const Acc zj = load(zr[j]);
+          for (int64_t k = 0; k < kOut; ++k) part[k] += zj * load(B[(o0 + k) * r + j]);
+        }
+        for (int64_t k = 0; k < kOut; ++k) yr[o0 + k] = store(load(yr[o0 + k]) + s * part[k]);
+      }
+      for (int64_t o = o0; o < out; ++o) {
         Acc sum = Acc(0);
         for (int64_t j = 0; j < r; ++j) sum += load(zr[j]) * load(B[o * r + j]);
         yr[o] = store(load(yr[o]) + s * sum);

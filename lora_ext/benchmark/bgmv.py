@@ -1,8 +1,8 @@
 """The "bgmv" benchmark family: one mixed-adapter inference forward of a small LlamaForCausalLM.
 
-A batch of `rows` sequences, row i using adapter a{i mod N} of N adapters loaded in the
-model (r = Case.r, alpha = 2r, on q, k, v, o, gate, up, down); when there are more rows
-than adapters, every 16th row is "__base__" (no adapter). decode = one token per row
+A batch of `rows` sequences using the N adapters loaded in the model in turn (r = Case.r,
+alpha = 2r, on q, k, v, o, gate, up, down); when there are more rows than adapters, every
+16th row is "__base__" (no adapter). decode = one token per row
 (a forward over [rows, 1], no KV cache); prefill = `seq` tokens per row. The model is
 random-initialised from a LlamaConfig (hidden size = Case.in_features, intermediate =
 2 x hidden, head dim 64, vocab 1024), eval mode, under torch.no_grad.
@@ -79,10 +79,14 @@ def _lora_config_kwargs(case: Case) -> dict:
 
 
 def row_adapter_names(rows: int, adapters: int) -> list[str]:
-    names = [f"a{i % adapters}" for i in range(rows)]
-    if rows > adapters:
-        for i in range(15, rows, 16):
-            names[i] = "__base__"
+    """Adapters in turn; with more rows than adapters every 16th row is "__base__"."""
+    names, k = [], 0
+    for i in range(rows):
+        if rows > adapters and i % 16 == 15:
+            names.append("__base__")
+        else:
+            names.append(f"a{k % adapters}")
+            k += 1
     return names
 
 
