@@ -469,3 +469,14 @@ def test_gemm_tiles_and_gemv_threshold_paths(tmp_path):
         env = dict(os.environ, LORA_EXT_NF4_TILE_BYTES=tile, LORA_EXT_NF4_GEMV_ROWS=gemv_rows)
         done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
         assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 12])
+def test_matmul_bf16_wide_rows(rows):
+    # in = 2048: rows of x 4 KiB apart, which the bf16 GEMV pads apart in L1.
+    out_features, in_features = 8, 2048
+    packed, absmax = ops.nf4_quantize(sample(out_features * in_features, torch.float32), 64)
+    x = sample(rows * in_features, torch.bfloat16, 3).reshape(rows, in_features)
+    bias = sample(out_features, torch.bfloat16, 4)
+    y = ops.nf4_matmul(x, packed, absmax, out_features, 64, bias)
+    assert_within_tolerance_rule(y, x, packed, absmax, out_features, 64, bias, f"rows={rows}")

@@ -1,6 +1,7 @@
 #include "nf4.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -281,55 +282,84 @@ bool cpu_has_avx512bf16() {
 
 constexpr int kBf16RowBlock = 8;
 
+// 32 weights of elements e .. e+31 (one block), scaled in fp32 and rounded to bf16 pairs.
+LORA_EXT_BF16_FN inline __m512bh weights32_bf16(const __m512 lut, const uint8_t* packed,
+                                                const float* absmax, int bs_shift, int64_t e) {
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + e / 2));
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+  const __m128i lo = _mm_and_si128(raw, mask);
+  const __m512 s = _mm512_set1_ps(absmax[e >> bs_shift]);
+  const __m512 w0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut), s);
+  const __m512 w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), lut), s);
+  return _mm512_cvtne2ps_pbh(w1, w0);  // elements 0..15 from w0, 16..31 from w1
+}
+
 // partial[r] += sum over elements [e0, e0 + len) of row o (e0 = o * in + k0) of w * x[r].
+// Few rows get several accumulator chains, so that the dot product's latency is hidden.
 template <int kRows>
-LORA_EXT_BF16_FN void gemv_bf16_rows(const c10::BFloat16* x, int64_t ldx, const uint8_t* packed,
+LORA_EXT_BF16_FN inline __attribute__((always_inline)) void gemv_bf16_rows(const c10::BFloat16* x, int64_t ldx, const uint8_t* packed,
                                      const float* absmax, int bs_shift, int64_t e0, int64_t len,
                                      float* partial) {
+  constexpr int kChains = kRows == 1 ? 4 : (kRows <= 3 ? 2 : 1);
   const __m512 lut = _mm512_loadu_ps(kCode);
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  __m512 acc[kRows];
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < len; k += 32) {
-    const int64_t e = e0 + k;
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + e / 2));
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-    const __m128i lo = _mm_and_si128(raw, mask);
-    const __m512 s = _mm512_set1_ps(absmax[e >> bs_shift]);
-    const __m512 w0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut), s);
-    const __m512 w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), lut), s);
-    const __m512bh w = _mm512_cvtne2ps_pbh(w1, w0);  // elements 0..15 from w0, 16..31 from w1
-    for (int r = 0; r < kRows; ++r) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * ldx + k);
-      acc[r] = _mm512_dpbf16_ps(acc[r], w, xv);
+  __m512 acc[kRows][kChains];
+  for (int r = 0; r < kRows; ++r) {
+    for (int c = 0; c < kChains; ++c) acc[r][c] = _mm512_setzero_ps();
+  }
+  int64_t k = 0;
+  for (; k + 32 * kChains <= len; k += 32 * kChains) {
+    for (int c = 0; c < kChains; ++c) {
+      const __m512bh w = weights32_bf16(lut, packed, absmax, bs_shift, e0 + k + 32 * c);
+      for (int r = 0; r < kRows; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * ldx + k + 32 * c);
+        acc[r][c] = _mm512_dpbf16_ps(acc[r][c], w, xv);
+      }
     }
   }
-  for (int r = 0; r < kRows; ++r) partial[r] += _mm512_reduce_add_ps(acc[r]);
-}
-
-template <int kRows>
-LORA_EXT_BF16_FN void gemv_bf16_block(const c10::BFloat16* x, int64_t ldx, const uint8_t* packed,
-                                      const float* absmax, int bs_shift, int64_t e0, int64_t len,
-                                      float* partial, int rows) {
-  if constexpr (kRows > 1) {
-    if (rows < kRows) return gemv_bf16_block<kRows - 1>(x, ldx, packed, absmax, bs_shift, e0, len, partial, rows);
+  for (; k < len; k += 32) {
+    const __m512bh w = weights32_bf16(lut, packed, absmax, bs_shift, e0 + k);
+    for (int r = 0; r < kRows; ++r) {
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w, (__m512bh)_mm512_loadu_si512(x + r * ldx + k));
+    }
   }
-  gemv_bf16_rows<kRows>(x, ldx, packed, absmax, bs_shift, e0, len, partial);
+  for (int r = 0; r < kRows; ++r) {
+    __m512 sum = acc[r][0];
+    for (int c = 1; c < kChains; ++c) sum = _mm512_add_ps(sum, acc[r][c]);
+    partial[r] += _mm512_reduce_add_ps(sum);
+  }
 }
 
-LORA_EXT_BF16_FN void gemv_bf16(const c10::BFloat16* x, int64_t rows, int64_t in,
+// One pass over this task's outputs for kRows rows of x: each instantiation gets its own
+// tight loop (one function holding every row count inlined ran several times slower).
+template <int kRows>
+LORA_EXT_BF16_FN __attribute__((noinline)) void gemv_bf16_pass(
+    const c10::BFloat16* x, int64_t ldx, int64_t in, const uint8_t* packed, const float* absmax,
+    int bs_shift, float* y, int64_t out, int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    float partial[kRows] = {};
+    gemv_bf16_rows<kRows>(x, ldx, packed, absmax, bs_shift, o * in, in, partial);
+    for (int r = 0; r < kRows; ++r) y[r * out + o] = partial[r];
+  }
+}
+
+LORA_EXT_BF16_FN void gemv_bf16(const c10::BFloat16* x, int64_t ldx, int64_t rows, int64_t in,
                                 const uint8_t* packed, const float* absmax, int bs_shift, float* y,
                                 int64_t out, int64_t o0, int64_t o1) {
-  // Row blocks outside, outputs inside: a block's x rows (8 x in bf16) and this task's slice
-  // of the packed weight both stay in L2 while every output of the slice is computed.
-  float partial[kBf16RowBlock];
+  // Row blocks outside, outputs inside: a block's x rows and this task's slice of the packed
+  // weight stay in cache while every output of the slice is computed.
   for (int64_t r0 = 0; r0 < rows; r0 += kBf16RowBlock) {
-    const int block = static_cast<int>(std::min<int64_t>(kBf16RowBlock, rows - r0));
-    for (int64_t o = o0; o < o1; ++o) {
-      for (int r = 0; r < block; ++r) partial[r] = 0.0f;
-      gemv_bf16_block<kBf16RowBlock>(x + r0 * in, in, packed, absmax, bs_shift, o * in, in, partial,
-                                     block);
-      for (int r = 0; r < block; ++r) y[(r0 + r) * out + o] = partial[r];
+    const c10::BFloat16* xb = x + r0 * ldx;
+    float* yb = y + r0 * out;
+    switch (std::min<int64_t>(kBf16RowBlock, rows - r0)) {
+      case 1: gemv_bf16_pass<1>(xb, ldx, in, packed, absmax, bs_shift, yb, out, o0, o1); break;
+      case 2: gemv_bf16_pass<2>(xb, ldx, in, packed, absmax, bs_shift, yb, out, o0, o1); break;
+      case 3: gemv_bf16_pass<3>(xb, ldx, in, packed, absmax, bs_shift, yb, out, o0, o1); break;
+      case 4: gemv_bf16_pass<4>(xb, ldx, in, packed, absmax, bs_shift, yb, out, o0, o1); break;
+      case 5: gemv_bf16_pass<5>(xb, ldx, in, packed, absmax, bs_shift, yb, out, o0, o1); break;
+      case 6: gemv_bf16_pass<6>(xb, ldx, in, packed, absmax, bs_shift, yb, out, o0, o1); break;
+      case 7: gemv_bf16_pass<7>(xb, ldx, in, packed, absmax, bs_shift, yb, out, o0, o1); break;
+      default: gemv_bf16_pass<8>(xb, ldx, in, packed, absmax, bs_shift, yb, out, o0, o1); break;
     }
   }
 }
@@ -430,14 +460,23 @@ void nf4_gemv_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tens
                    int64_t blocksize, at::Tensor& y) {
 #ifdef LORA_EXT_NF4_AVX2
   const int64_t rows = x.size(0), in = x.size(1), out = y.size(1);
-  const c10::BFloat16* xs = x.data_ptr<c10::BFloat16>();
+  // Rows of x a multiple of 4 KiB apart share L1 sets and evict each other while the packed
+  // weight streams through; a 64-byte pad between rows spreads them over the sets.
+  at::Tensor xp = x;
+  int64_t ldx = in;
+  if (rows > 1 && (in * 2) % 4096 == 0) {
+    ldx = in + 32;
+    xp = at::empty({rows, ldx}, x.options());
+    xp.narrow(1, 0, in).copy_(x);
+  }
+  const c10::BFloat16* xs = xp.data_ptr<c10::BFloat16>();
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const float* a = absmax.data_ptr<float>();
   float* ys = y.data_ptr<float>();
   const int shift = core::log2_pow2(blocksize);
   const int64_t grain = std::max<int64_t>(1, 131072 / std::max<int64_t>(in, 1));
   at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
-    gemv_bf16(xs, rows, in, p, a, shift, ys, out, o0, o1);
+    gemv_bf16(xs, ldx, rows, in, p, a, shift, ys, out, o0, o1);
   });
 #else
   TORCH_CHECK(false, "nf4_gemv_bf16: not built for this CPU");
