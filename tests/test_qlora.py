@@ -536,3 +536,18 @@ def _cuda_logits(model: nn.Module) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(input_ids=IDS.cuda()).logits.cpu()
+
+
+def test_qlora_train_benchmark_family_runs_and_checks_every_contestant():
+    from lora_ext import benchmark as harness
+    family = harness.get_family("qlora_train")
+    cases = family.cases("quick", features=64, tokens=32)
+    assert all(c.family == "qlora_train" for c in cases)
+    doc = harness.run_benchmark(family, cases, "cpu", repeats=2, warmup=1, progress=False)
+    (res,) = doc["results"]
+    assert set(res["measurements"]) == {"dense", "peft_bnb", "lora_ext"}, res["skipped"]
+    assert all(c["ok"] for c in res["check"].values()), res["check"]
+    info = res["info"]
+    assert info["lora_ext"]["trainable_parameters"] == info["peft_bnb"]["trainable_parameters"] > 0
+    # under a byte per weight even at this size, where the per-layer codebooks weigh most
+    assert info["lora_ext"]["nf4_bytes"] < info["lora_ext"]["nf4_params"]
