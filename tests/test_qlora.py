@@ -250,9 +250,10 @@ def test_dora_magnitude_initialises_like_peft_on_bitsandbytes():
         torch.testing.assert_close(ours_state[key], theirs_state[key], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_merge_and_unload_requantises_as_peft_does(use_dora):
-    base = quantized_llama()
+def test_merge_and_unload_requantises_as_peft_does(use_dora, dtype):
+    base = quantized_llama(dtype=dtype)
     bnb_base = bnb_copy(base)
     ours = get_peft_model(base, LoraConfig(**qlora_config(use_dora=use_dora)))
     randomise_adapters(ours)
@@ -277,6 +278,10 @@ def test_merge_and_unload_requantises_as_peft_does(use_dora):
 def test_merge_unmerge_and_safe_merge():
     model = get_peft_model(quantized_llama(), LoraConfig(**qlora_config()))
     randomise_adapters(model)
+    # the whole model's state dict (4-bit bases included) loads back into itself
+    state = model.state_dict()
+    model.load_state_dict(state)
+    assert_state_dicts_equal(model.state_dict(), state)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     original = layer.base_layer.dequantize()
     expected = original + layer.get_delta_weight("default")
