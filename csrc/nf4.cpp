@@ -96,16 +96,21 @@ int64_t tile_bytes(bool cuda) {
   return cuda ? int64_t{64} << 20 : int64_t{1} << 62;
 }
 
-int64_t gemv_max_rows(bool cuda) {
+// Up to this many rows of x go through the GEMV kernels (one pass over the packed weight);
+// more go through dequantised tiles and a GEMM. The CPU crossovers were measured on 4096x4096
+// (lora-ext bench --family nf4): the AVX512-BF16 kernel stays ahead of dequantise + oneDNN to
+// about 48 rows, the fp32 AVX2 kernel to about 8. LORA_EXT_NF4_GEMV_ROWS overrides the CPU's.
+int64_t gemv_max_rows(const Tensor& x2d) {
 #ifdef LORA_EXT_WITH_CUDA
-  if (cuda) return cuda::kGemvMaxRows;
+  if (x2d.is_cuda()) return cuda::kGemvMaxRows;
 #endif
-  (void)cuda;
-  static const int64_t rows = [] {
+  static const int64_t env_rows = [] {
     const char* env = std::getenv("LORA_EXT_NF4_GEMV_ROWS");
-    return env ? static_cast<int64_t>(std::atoll(env)) : int64_t{8};
+    return env ? static_cast<int64_t>(std::atoll(env)) : int64_t{-1};
   }();
-  return rows;
+  if (env_rows >= 0) return env_rows;
+  if (x2d.scalar_type() == at::kBFloat16 && cpu::nf4_gemv_bf16_supported(x2d.size(1))) return 48;
+  return 8;
 }
 
 std::tuple<Tensor, Tensor> nf4_quantize(const Tensor& x, int64_t blocksize) {
@@ -210,7 +215,7 @@ Tensor nf4_matmul(const Tensor& x, const Tensor& packed, const Tensor& absmax, i
     return y.view(y_shape);
   }
   const Tensor p = packed.contiguous(), a = absmax.contiguous();
-  if (rows > gemv_max_rows(x.is_cuda())) {
+  if (rows > gemv_max_rows(x2d)) {
     return gemm_forward(x2d, p, a, out_features, blocksize, bias).view(y_shape);
   }
   if (x.is_cuda()) {
@@ -226,9 +231,12 @@ Tensor nf4_matmul(const Tensor& x, const Tensor& packed, const Tensor& absmax, i
     no_cuda();
 #endif
   }
-  const Tensor xf = x2d.to(at::kFloat).contiguous();
-  Tensor y = at::empty({rows, out_features}, xf.options());
-  cpu::nf4_gemv(xf, p, a, blocksize, y);
+  Tensor y = at::empty({rows, out_features}, x2d.options().dtype(at::kFloat));
+  if (x.scalar_type() == at::kBFloat16 && cpu::nf4_gemv_bf16_supported(in)) {
+    cpu::nf4_gemv_bf16(x2d, p, a, blocksize, y);
+  } else {
+    cpu::nf4_gemv(x2d.to(at::kFloat).contiguous(), p, a, blocksize, y);
+  }
   if (has_bias) y.add_(bias->to(at::kFloat));
   return y.to(x.scalar_type()).view(y_shape);
 }

@@ -226,7 +226,7 @@ def assert_within_tolerance_rule(got, x, packed, absmax, out_features, blocksize
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("rows", [1, 3, 9, 40, 64])
 @pytest.mark.parametrize("shape", [(48, 64, 64), (33, 96, 32), (7, 33, 32), (20, 256, 128)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_matmul_matches_reference(dtype, rows, shape):
@@ -414,8 +414,10 @@ def test_cuda_kernels_bit_equal_to_cpu(dtype):
         for out_dtype in DTYPES:
             got = ops.nf4_dequantize(gpu[0], gpu[1], (n,), blocksize, out_dtype)
             assert_bit_equal(got.cpu(), ops.nf4_dequantize(*cpu, (n,), blocksize, out_dtype))
-        for g, c in zip(ops.quantize_absmax(gpu[1]), ops.quantize_absmax(cpu[1])):
-            torch.testing.assert_close(g.cpu(), c, rtol=0, atol=0) if g.dtype == torch.uint8 else None
+        # The offset is torch's mean on the device (as bitsandbytes takes it), whose summation
+        # order differs between devices: the reference on the same device is the oracle.
+        for g, r in zip(ops.quantize_absmax(gpu[1]), reference.quantize_absmax(gpu[1])):
+            assert_bit_equal(g.cpu(), r.cpu(), "quantize_absmax")
         codes, absmax2, offset = ops.quantize_absmax(cpu[1])
         got = ops.dequantize_absmax(codes.cuda(), absmax2.cuda(), offset.cuda())
         assert_bit_equal(got.cpu(), ops.dequantize_absmax(codes, absmax2, offset))

@@ -5,6 +5,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -264,6 +265,76 @@ LORA_EXT_AVX2_FN void gemv_avx2(const float* xf, int64_t rows, int64_t in, const
 }
 #endif
 
+#ifdef LORA_EXT_NF4_AVX2
+// ---------------------------------------------------------------- GEMV, AVX512-BF16
+// For bf16 x the reference rounds each dequantised weight to bf16 before the matmul, so the
+// weights can go through the bf16 dot-product instruction exactly as rounded: 32 codes decode
+// with one 16-entry permute per 16, scale by absmax in fp32, round to bf16 pairs (RNE) and
+// feed vdpbf16ps (fp32 accumulation). Needs in % 32 == 0 (32-code groups inside one block).
+#define LORA_EXT_BF16_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+bool cpu_has_avx512bf16() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
+constexpr int kBf16RowBlock = 8;
+
+// partial[r] += sum over elements [e0, e0 + len) of row o (e0 = o * in + k0) of w * x[r].
+template <int kRows>
+LORA_EXT_BF16_FN void gemv_bf16_rows(const c10::BFloat16* x, int64_t ldx, const uint8_t* packed,
+                                     const float* absmax, int bs_shift, int64_t e0, int64_t len,
+                                     float* partial) {
+  const __m512 lut = _mm512_loadu_ps(kCode);
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  __m512 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < len; k += 32) {
+    const int64_t e = e0 + k;
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + e / 2));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    const __m128i lo = _mm_and_si128(raw, mask);
+    const __m512 s = _mm512_set1_ps(absmax[e >> bs_shift]);
+    const __m512 w0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut), s);
+    const __m512 w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), lut), s);
+    const __m512bh w = _mm512_cvtne2ps_pbh(w1, w0);  // elements 0..15 from w0, 16..31 from w1
+    for (int r = 0; r < kRows; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * ldx + k);
+      acc[r] = _mm512_dpbf16_ps(acc[r], w, xv);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) partial[r] += _mm512_reduce_add_ps(acc[r]);
+}
+
+template <int kRows>
+LORA_EXT_BF16_FN void gemv_bf16_block(const c10::BFloat16* x, int64_t ldx, const uint8_t* packed,
+                                      const float* absmax, int bs_shift, int64_t e0, int64_t len,
+                                      float* partial, int rows) {
+  if constexpr (kRows > 1) {
+    if (rows < kRows) return gemv_bf16_block<kRows - 1>(x, ldx, packed, absmax, bs_shift, e0, len, partial, rows);
+  }
+  gemv_bf16_rows<kRows>(x, ldx, packed, absmax, bs_shift, e0, len, partial);
+}
+
+LORA_EXT_BF16_FN void gemv_bf16(const c10::BFloat16* x, int64_t rows, int64_t in,
+                                const uint8_t* packed, const float* absmax, int bs_shift, float* y,
+                                int64_t out, int64_t o0, int64_t o1) {
+  // Row blocks outside, outputs inside: a block's x rows (8 x in bf16) and this task's slice
+  // of the packed weight both stay in L2 while every output of the slice is computed.
+  float partial[kBf16RowBlock];
+  for (int64_t r0 = 0; r0 < rows; r0 += kBf16RowBlock) {
+    const int block = static_cast<int>(std::min<int64_t>(kBf16RowBlock, rows - r0));
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int r = 0; r < block; ++r) partial[r] = 0.0f;
+      gemv_bf16_block<kBf16RowBlock>(x + r0 * in, in, packed, absmax, bs_shift, o * in, in, partial,
+                                     block);
+      for (int r = 0; r < block; ++r) y[(r0 + r) * out + o] = partial[r];
+    }
+  }
+}
+#endif
+
 // The three storage types of NF4 inputs and outputs (callers have checked the dtype).
 template <typename F>
 void dispatch_float(at::ScalarType type, F&& f) {
@@ -344,6 +415,33 @@ void nf4_gemv(const at::Tensor& xf, const at::Tensor& packed, const at::Tensor& 
 #endif
     gemv_scalar(x, rows, in, p, a, shift, ys, out, o0, o1);
   });
+}
+
+bool nf4_gemv_bf16_supported(int64_t in) {
+#ifdef LORA_EXT_NF4_AVX2
+  return in % 32 == 0 && cpu_has_avx512bf16();
+#else
+  (void)in;
+  return false;
+#endif
+}
+
+void nf4_gemv_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                   int64_t blocksize, at::Tensor& y) {
+#ifdef LORA_EXT_NF4_AVX2
+  const int64_t rows = x.size(0), in = x.size(1), out = y.size(1);
+  const c10::BFloat16* xs = x.data_ptr<c10::BFloat16>();
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const float* a = absmax.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  const int shift = core::log2_pow2(blocksize);
+  const int64_t grain = std::max<int64_t>(1, 131072 / std::max<int64_t>(in, 1));
+  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
+    gemv_bf16(xs, rows, in, p, a, shift, ys, out, o0, o1);
+  });
+#else
+  TORCH_CHECK(false, "nf4_gemv_bf16: not built for this CPU");
+#endif
 }
 
 void quantize_absmax(const at::Tensor& centred, const at::Tensor& code, int64_t blocksize,

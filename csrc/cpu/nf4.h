@@ -23,6 +23,12 @@ void nf4_dequantize_2d(const at::Tensor& packed, const at::Tensor& absmax, int64
 void nf4_gemv(const at::Tensor& xf, const at::Tensor& packed, const at::Tensor& absmax,
               int64_t blocksize, at::Tensor& y);
 
+// The same for bf16 x with the AVX512-BF16 dot product (weights rounded to bf16 first, as the
+// reference does); only where nf4_gemv_bf16_supported(in).
+bool nf4_gemv_bf16_supported(int64_t in_features);
+void nf4_gemv_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                   int64_t blocksize, at::Tensor& y);
+
 // 8-bit blockwise quantisation of centred absmax values with a 256-entry sorted code.
 void quantize_absmax(const at::Tensor& centred, const at::Tensor& code, int64_t blocksize,
                      at::Tensor& codes, at::Tensor& absmax2);
