@@ -556,3 +556,20 @@ def test_qlora_train_benchmark_family_runs_and_checks_every_contestant():
     assert info["lora_ext"]["trainable_parameters"] == info["peft_bnb"]["trainable_parameters"] > 0
     # under a byte per weight even at this size, where the per-layer codebooks weigh most
     assert info["lora_ext"]["nf4_bytes"] < info["lora_ext"]["nf4_params"]
+
+
+def test_activation_checkpointing_regenerates_the_same_dropout_masks():
+    model = get_peft_model(quantized_llama(), LoraConfig(**qlora_config(lora_dropout=0.3)))
+    randomise_adapters(model)
+    twin = copy.deepcopy(model)
+    twin.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 128, (2, 8))
+    grads = []
+    for m in (model, twin):
+        m.train()
+        torch.manual_seed(21)
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
