@@ -24,6 +24,20 @@ TORCH_LIBRARY(lora_ext, m) {
       " -> (Tensor, Tensor, Tensor)");
   // The keep mask (bool, shape and device of `like`) that the two ops above use.
   m.def("dropout_mask(Tensor like, float dropout_p, int seed, int offset) -> Tensor");
+  // DoRA. ‖W + s·B·A‖ per row of weight [out, in] without forming W + s·B·A; fp32 (fp64 for
+  // fp64 inputs).
+  m.def("dora_weight_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling) -> Tensor");
+  // y = x·Wᵀ + b + (g - 1)·(drop(x)·Wᵀ) + g·s·(drop(x)·Aᵀ)·Bᵀ, g = magnitude / weight_norm (PEFT's
+  // DoRA); also returns z = drop(x)·Aᵀ and hm (the [rows, out] term g multiplies) for backward.
+  m.def(
+      "dora_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor magnitude, Tensor weight_norm, float scaling, float dropout_p, int seed, int offset)"
+      " -> (Tensor, Tensor, Tensor)");
+  // Gradients for x, lora_A, lora_B, magnitude (empty where output_mask is false).
+  m.def(
+      "dora_linear_backward(Tensor grad_y, Tensor x, Tensor z, Tensor hm, Tensor weight, "
+      "Tensor lora_A, Tensor lora_B, Tensor magnitude, Tensor weight_norm, float scaling, "
+      "float dropout_p, int seed, int offset, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // NF4, bitsandbytes' layout: x flattened row-major -> (packed uint8 [ceil(n/2), 1], element
   // 2k in the high nibble; absmax fp32 [ceil(n/blocksize)]).
@@ -41,4 +55,14 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def("nf4_quantize_absmax(Tensor absmax, Tensor code, int blocksize) -> (Tensor, Tensor, Tensor)");
   m.def("nf4_dequantize_absmax(Tensor codes, Tensor absmax2, Tensor offset, Tensor code, "
         "int blocksize) -> Tensor");
+  // BGMV / SGMV: many adapters in one batch (row t uses adapter idx[t]; -1 = none).
+  //   z[t] = x[t] @ lora_A[idx[t]].T                        (0 where idx[t] = -1)
+  //   out[t] = y[t] + scale[idx[t]] * z[t] @ lora_B[idx[t]].T  (y[t] where idx[t] = -1)
+  m.def("lora_shrink(Tensor x, Tensor lora_A, Tensor idx) -> Tensor");
+  m.def("lora_expand(Tensor y, Tensor z, Tensor lora_B, Tensor idx, Tensor scale) -> Tensor");
+  // The same with segments: rows seg_starts[s] .. seg_starts[s + 1] use seg_adapter[s].
+  m.def("lora_shrink_sgmv(Tensor x, Tensor lora_A, Tensor seg_starts, Tensor seg_adapter) -> Tensor");
+  m.def(
+      "lora_expand_sgmv(Tensor y, Tensor z, Tensor lora_B, Tensor seg_starts, Tensor seg_adapter, "
+      "Tensor scale) -> Tensor");
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -116,6 +117,11 @@ class LoraConfig:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
             raise TypeError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        if not math.isfinite(self.lora_alpha):
+            raise ValueError(f"lora_alpha must be finite (scaling = lora_alpha / r), got {self.lora_alpha!r}")
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, list, tuple, set)):
+            raise TypeError("target_modules must be a list of module-name suffixes, a regex string or "
+                            f"'all-linear', got {type(self.target_modules).__name__}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be a float in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
@@ -138,6 +144,9 @@ class LoraConfig:
                 raise TypeError(f"{name} must be a dict of module-name pattern -> number, got {value!r}")
         if self.rank_pattern and any(not isinstance(v, int) or v <= 0 for v in self.rank_pattern.values()):
             raise ValueError(f"rank_pattern values must be positive ints, got {self.rank_pattern}")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+               for v in self.alpha_pattern.values()):
+            raise ValueError(f"alpha_pattern values must be finite numbers, got {self.alpha_pattern}")
         if self.layer_replication is not None:
             self.layer_replication = [tuple(span) for span in self.layer_replication]
             for span in self.layer_replication:
@@ -203,13 +212,18 @@ class LoraConfig:
         extra = {k: v for k, v in values.items() if k not in known and k not in RUNTIME_FIELDS}
         return cls(**kwargs, extra_fields=extra)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, auto_mapping_dict: dict | None = None) -> None:
+        """Write adapter_config.json; auto_mapping_dict (PEFT's argument) names the base model
+        class for AutoPeftModel when the config has no task_type."""
         path = Path(save_directory)
         if path.is_file():
             raise ValueError(f"save_directory {str(path)!r} is a file, expected a directory")
         path.mkdir(parents=True, exist_ok=True)
         from .serialization import atomic_write_bytes
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        values = self.to_dict()
+        if auto_mapping_dict is not None:
+            values["auto_mapping"] = auto_mapping_dict
+        text = json.dumps(values, indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(path / CONFIG_NAME, text.encode())
 
     @classmethod

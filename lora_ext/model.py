@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import serving
 from .config import LoraConfig
 from .layers import Conv2d, Embedding, Linear, LoraLayer, ModulesToSaveWrapper
 from .layers.nf4 import Linear4bit
@@ -190,7 +191,7 @@ class LoraModel(nn.Module):
     def inject_adapter(self, config: LoraConfig, adapter_name: str) -> None:
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another adapter_name "
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists; choose another adapter_name "
                              f"(existing: {sorted(self.peft_config)})")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a lora_ext.LoraConfig, got {type(config).__name__}")
@@ -364,24 +365,26 @@ class LoraModel(nn.Module):
                               "model would without adaption.")
         self._set_adapter_layers(False)
 
-    def _remove_adapter_everywhere(self, adapter_name: str) -> None:
+    def _remove_adapter_everywhere(self, adapter_name: str, unwrap: bool = True) -> None:
         for module in self.model.modules():
             if isinstance(module, (LoraLayer, ModulesToSaveWrapper)) and (
                     adapter_name in getattr(module, "r", {}) or adapter_name in getattr(module, "modules_to_save", {})):
                 module.delete_adapter(adapter_name)
-        # layers that now hold no adapter at all go back to their base module
+        if not unwrap:  # delete_adapter, as PEFT: emptied layers stay wrapped (same state_dict keys)
+            return
+        # (undoing a failed injection or load) layers that now hold no adapter go back to their base module
         for key, module in list(self.model.named_modules()):
             if isinstance(module, LoraLayer) and not module.r:
                 self._replace(key, module.base_layer)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} does not exist; existing adapters: {sorted(self.peft_config)}")
+            raise ValueError(f"Adapter {adapter_name} does not exist; existing adapters: {sorted(self.peft_config)}")
         for _, layer in self.lora_layers():
             if adapter_name in layer.merged_adapters:
                 raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")
         del self.peft_config[adapter_name]
-        self._remove_adapter_everywhere(adapter_name)
+        self._remove_adapter_everywhere(adapter_name, unwrap=False)
         remaining = [n for n in self.active_adapters if n != adapter_name] or list(self.peft_config)[:1]
         if remaining:
             self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
@@ -449,8 +452,13 @@ class LoraModel(nn.Module):
         return self._unload_and_optionally_merge(False)
 
     @contextmanager
-    def _enable_peft_forward_hooks(self, adapter_names: list[str] | None):
-        """Route `adapter_names=` to every LoRA layer for one forward/generate call."""
+    def _enable_peft_forward_hooks(self, adapter_names: list[str] | None, num_beams: int | None = None):
+        """Route `adapter_names=` to every LoRA layer for one forward/generate call.
+
+        The layers' adapter pools (lora_ext.serving) are brought up to date once here, not
+        at every decoding step. With beam search each name is repeated num_beams times, as
+        generate repeats the inputs (PEFT's rule).
+        """
         if adapter_names is None:
             yield
             return
@@ -459,23 +467,35 @@ class LoraModel(nn.Module):
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
-        for _, layer in self.lora_layers():
-            if layer.merged:
+        modules = list(self.model.modules())  # one walk of the module tree per call
+        for layer in modules:
+            if isinstance(layer, LoraLayer) and layer.merged:
                 raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
                                  "`unmerge_adapter` first.")
         if any(self.peft_config[name].use_dora for name in set(adapter_names) - {"__base__"}):
             raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
-        handles = []
+        if isinstance(num_beams, int) and num_beams > 1:
+            if not isinstance(adapter_names, (list, tuple)):
+                raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        synced, handles = [], []
 
         def pre_hook(module, args, kwargs):
             kwargs["adapter_names"] = adapter_names
             return args, kwargs
 
-        for module in self.model.modules():
-            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-                handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         try:
+            for layer in modules:
+                if isinstance(layer, (Linear, Embedding)):
+                    serving.layer_pool(layer, adapter_names)
+                    layer._adapter_pool_synced = True
+                    synced.append(layer)
+            for module in modules:
+                if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                    handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            for layer in synced:
+                layer._adapter_pool_synced = False

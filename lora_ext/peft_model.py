@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,8 @@ class PeftModel(nn.Module):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any):
-        with self.base_model._enable_peft_forward_hooks(kwargs.pop("adapter_names", None)):
+        with self.base_model._enable_peft_forward_hooks(kwargs.pop("adapter_names", None),
+                                                        num_beams=kwargs.get("num_beams")):
             return self.get_base_model().generate(*args, **kwargs)
 
     @contextmanager
@@ -170,7 +172,18 @@ class PeftModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         selected_adapters: list[str] | None = None, is_main_process: bool = True,
                         path_initial_model_for_weight_conversion: str | None = None, **kwargs: Any) -> None:
-        """adapter_config.json + adapter_model.safetensors per adapter; non-default ones in subfolders."""
+        """adapter_config.json + adapter_model.safetensors per adapter; non-default ones in subfolders.
+
+        path_initial_model_for_weight_conversion (PEFT's argument; `convert_pissa_to_lora` in
+        older PEFT): the folder saved right after a PiSSA/OLoRA initialisation. The adapter is
+        then written as a plain rank-2r LoRA adapter for the original, unmodified base model
+        (see init.convert_to_lora_state_dict).
+        """
+        legacy = kwargs.pop("convert_pissa_to_lora", None)
+        if legacy is not None:
+            warnings.warn("`convert_pissa_to_lora` is deprecated (as in PEFT); use "
+                          "`path_initial_model_for_weight_conversion` instead.", FutureWarning, stacklevel=2)
+            path_initial_model_for_weight_conversion = path_initial_model_for_weight_conversion or legacy
         directory = Path(save_directory)
         if directory.is_file():
             raise ValueError(f"Provided path ({str(directory)}) should be a directory, not a file")
@@ -199,10 +212,14 @@ class PeftModel(nn.Module):
                 atomic_write_bytes(output / WEIGHTS_NAME, buffer.getvalue())
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path") or None
+            auto_mapping = None
+            if config.task_type is None:  # as PEFT: lets AutoPeftModel find the base model class
+                base_class = type(self.get_base_model())
+                auto_mapping = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
             inference_mode = config.inference_mode
             config.inference_mode = True  # PEFT writes saved configs in inference mode
             try:
-                config.save_pretrained(output)
+                config.save_pretrained(output, auto_mapping_dict=auto_mapping)
             finally:
                 config.inference_mode = inference_mode
 
@@ -235,7 +252,8 @@ class PeftModel(nn.Module):
                      subfolder: str | None = None, **kwargs: Any):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} is already loaded; choose another adapter_name")
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists; choose another adapter_name "
+                             f"(existing: {sorted(self.peft_config)})")
         directory = Path(model_id) / subfolder if subfolder else Path(model_id)
         config = LoraConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
@@ -256,28 +274,73 @@ class PeftModel(nn.Module):
         set_peft_model_state_dict(self, saved, adapter_name)
 
 
+def _task_forward(model: PeftModel, task_ids: Any, named: dict[str, Any], kwargs: dict[str, Any]):
+    """Forward the arguments that were given (None means "not given", as in transformers)."""
+    if task_ids is not None:
+        raise ValueError("task_ids is for PEFT's prompt-learning methods; a LoRA model takes none")
+    return PeftModel.forward(model, **{k: v for k, v in named.items() if v is not None}, **kwargs)
+
+
+# The task classes spell out PEFT's forward signatures: transformers' Trainer keeps only the
+# dataset columns that the model's forward names (remove_unused_columns=True).
+
+
 class PeftModelForCausalLM(PeftModel):
-    pass
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, task_ids, dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict), kwargs)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
-    pass
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, task_ids, dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
 
 
 class PeftModelForSequenceClassification(PeftModel):
-    pass
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, task_ids, dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict), kwargs)
 
 
 class PeftModelForTokenClassification(PeftModel):
-    pass
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, task_ids, dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict), kwargs)
 
 
 class PeftModelForQuestionAnswering(PeftModel):
-    pass
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, task_ids, dict(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, start_positions=start_positions,
+            end_positions=end_positions, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
 
 
 class PeftModelForFeatureExtraction(PeftModel):
-    pass
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, task_ids, dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict), kwargs)
 
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType | None, type[PeftModel]] = {
@@ -305,6 +368,10 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     return model_class(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
+# packages whose modules an adapter_config.json's auto_mapping may name (PEFT's default list)
+DEFAULT_IMPORT_ALLOWLIST = ("diffusers", "lerobot", "megatron-core", "transformers")
+
+
 class _AutoPeftModel:
     """Loads the base model named in adapter_config.json, then the adapter."""
 
@@ -313,21 +380,49 @@ class _AutoPeftModel:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: LoraConfig | None = None, **kwargs: Any) -> PeftModel:
+                        is_trainable: bool = False, config: LoraConfig | None = None,
+                        import_allowlist: list[str] | None = None, **kwargs: Any) -> PeftModel:
         config = config or LoraConfig.from_pretrained(pretrained_model_name_or_path)
         base_path = config.base_model_name_or_path
         if not base_path:
             raise ValueError(f"{str(pretrained_model_name_or_path)!r}: adapter_config.json names no "
                              "base_model_name_or_path, so the base model cannot be found")
+        base_class = cls._base_class(config, import_allowlist or list(DEFAULT_IMPORT_ALLOWLIST))
+        base = base_class.from_pretrained(base_path, revision=config.revision, **kwargs)
+        peft_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, cls._peft_class)
+        return peft_class.from_pretrained(base, pretrained_model_name_or_path, adapter_name=adapter_name,
+                                          is_trainable=is_trainable, config=config)
+
+    @classmethod
+    def _base_class(cls, config: LoraConfig, import_allowlist: list[str]):
+        """The base model class, by PEFT's rules (task type, or auto_mapping for AutoPeftModel)."""
         import transformers
-        auto_class = getattr(transformers, cls._auto_class_name)
-        base = auto_class.from_pretrained(base_path, revision=config.revision, **kwargs)
-        return cls._peft_class.from_pretrained(base, pretrained_model_name_or_path, adapter_name=adapter_name,
-                                               is_trainable=is_trainable, config=config)
+        task_type = config.task_type
+        if cls._auto_class_name:
+            expected = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task_type)
+            if expected is not None and expected is not cls._peft_class:
+                raise ValueError(f"Expected target PEFT class: {expected.__name__}, but you have asked for: "
+                                 f"{cls._peft_class.__name__} make sure that you are loading the correct model for "
+                                 "your task type.")
+            return getattr(transformers, cls._auto_class_name)
+        if task_type is not None:
+            raise ValueError("Cannot use `AutoPeftModel` with a task type, please use a specific class for your "
+                             "task type. (e.g. `AutoPeftModelForCausalLM` for `task_type='CAUSAL_LM'`)")
+        mapping = config.extra_fields.get("auto_mapping")
+        if not isinstance(mapping, dict) or not {"base_model_class", "parent_library"} <= mapping.keys():
+            raise ValueError("Cannot infer the auto class from the config, please make sure that you are loading "
+                             "the correct model for your task type.")
+        library = str(mapping["parent_library"])
+        if not any(library == allowed or library.startswith(f"{allowed}.") for allowed in import_allowlist):
+            raise ValueError(f"The auto mapping wants to import '{library}' which is not in the import allowlist. "
+                             "If you are sure that importing this library is safe, specify "
+                             f"`import_allowlist=['{library}']` in `from_pretrained()`.")
+        import importlib
+        return getattr(importlib.import_module(library), mapping["base_model_class"])
 
 
 class AutoPeftModel(_AutoPeftModel):
-    _auto_class_name = "AutoModel"
+    """For adapters without a task type: the base class comes from the config's auto_mapping."""
 
 
 class AutoPeftModelForCausalLM(_AutoPeftModel):

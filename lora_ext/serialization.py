@@ -8,6 +8,7 @@ knows nothing of kernels: it maps names and moves tensors.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -78,26 +79,52 @@ def adapter_key_map(peft_model: nn.Module, adapter_name: str) -> dict[str, str]:
     return mapping
 
 
-def _embedding_base_keys(peft_model: nn.Module, config):
-    """PEFT also saves the base weights of targeted embedding layers (they may be resized)."""
+def _embedding_is_targeted(config, model: nn.Module) -> bool:
     targets = config.target_modules
-    if not targets or isinstance(targets, str):
-        return []
-    if not any(name in targets for name in EMBEDDING_LAYER_NAMES):
-        return []
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return False
+        return any(re.fullmatch(targets, name) for name, _ in model.named_modules()
+                   if any(re.match(rf"(.*\.)?{e}$", name) for e in EMBEDDING_LAYER_NAMES))
+    return bool(targets) and any(name in targets for name in EMBEDDING_LAYER_NAMES)
+
+
+def _vocab_was_resized(model: nn.Module, config) -> bool:
+    """PEFT's other reason to save embeddings: the vocabulary differs from the base model's
+    (checked, as PEFT, against base_model_name_or_path; here only a local folder)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    source = config.base_model_name_or_path
+    if not vocab or not source or not os.path.isfile(os.path.join(source, "config.json")):
+        return False
+    try:
+        import json
+        with open(os.path.join(source, "config.json")) as handle:
+            return json.load(handle).get("vocab_size", vocab) != vocab
+    except (OSError, ValueError):
+        return False
+
+
+def _embedding_base_keys(peft_model: nn.Module, config):
+    """PEFT also saves the base weights of input/output embeddings (save_embedding_layers="auto"):
+    those of LoRA-wrapped embeddings when embed_tokens/lm_head are targeted, and both
+    embeddings when the vocabulary was resized."""
     model = peft_model.base_model.model
+    targeted = _embedding_is_targeted(config, model)
+    if not targeted and not _vocab_was_resized(model, config):
+        return []
     keys = []
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         fn = getattr(model, getter, None)
         layer = fn() if callable(fn) else None
-        if layer is None:
+        if layer is None or (targeted and not isinstance(layer, LoraLayer)):
             continue
         for name, module in model.named_modules():
-            if module is layer or (isinstance(module, LoraLayer) and module.base_layer is layer):
+            if module is layer:
                 for pname, _ in module.named_parameters():
                     if "lora_" not in pname:
                         full = f"base_model.model.{name}.{pname}"
                         keys.append((full, full))
+                break
     return keys
 
 

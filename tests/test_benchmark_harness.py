@@ -110,3 +110,162 @@ def test_png_is_skipped_without_matplotlib(tmp_path, monkeypatch):
 def test_unknown_contestant_is_an_error():
     with pytest.raises(KeyError, match="no contestant"):
         harness.run_benchmark("lora", [], device="cpu", contestants=["nope"], progress=False)
+
+
+# ================================================================ throughput, peaks, outputs
+
+
+@pytest.mark.parametrize("name,model", [
+    ("NVIDIA H200", "H200 SXM"),
+    ("NVIDIA H200 NVL", "H200 NVL"),
+    ("NVIDIA GH200 480GB", "GH200 (H200 SXM figures)"),
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+    ("NVIDIA H100 PCIe", "H100 PCIe"),
+    ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA A100-SXM4-80GB", "A100 80GB SXM"),
+    ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe"),
+    ("NVIDIA A100-SXM4-40GB", "A100 40GB"),
+    ("NVIDIA L4", "L4"),
+    ("NVIDIA L40S", "L40S"),
+    ("NVIDIA L40", "L40"),
+    ("NVIDIA A10", "A10"),
+    ("NVIDIA GeForce RTX 4090", "GeForce RTX 4090"),
+    ("Tesla T4", "T4"),
+    ("NVIDIA B200", "B200"),
+])
+def test_device_peaks_by_name(name, model):
+    peaks = harness.device_peaks(name)
+    assert peaks is not None and peaks["model"] == model
+    assert peaks["gbps"] > 0 and peaks["float32"] > 0
+
+
+def test_device_peaks_unknown_device():
+    assert harness.device_peaks("Some Future GPU 9000") is None
+    assert harness.peaks_for(__import__("torch").device("cpu"), "float32") is None
+
+
+def test_add_throughput_uses_medians_and_peaks():
+    record = {"work": {"flops": 4e12, "bytes": 2e9},
+              "measurements": {"ours": {"median_ms": 2.0}, "peer": {"median_ms": 4.0}}}
+    harness.add_throughput(record, {"model": "X", "gbps": 2000.0, "tflops": 1000.0})
+    ours, peer = record["measurements"]["ours"], record["measurements"]["peer"]
+    assert ours["tflops"] == pytest.approx(2000.0) and peer["tflops"] == pytest.approx(1000.0)
+    assert ours["gbps"] == pytest.approx(1000.0) and peer["gbps"] == pytest.approx(500.0)
+    assert ours["pct_peak_flops"] == pytest.approx(200.0)
+    assert peer["pct_peak_bandwidth"] == pytest.approx(25.0)
+    assert record["peak"]["model"] == "X"
+
+
+def test_lora_work_counts_what_pytorch_counts():
+    # the FLOPs of one step equal those torch's FlopCounterMode counts for the unfused
+    # contestant (forward, and backward to x, A and B with W frozen)
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_ext.benchmark import lora as lora_family
+    fam = harness.get_family("lora")
+    case = fam.cases("quick", features=("48x80",), tokens=24, ranks=4, dtypes=("float32",),
+                     dropouts=(0.0,))[0]
+    runner = harness.build_runner(fam, "torch", case, fam.make_inputs(case, torch.device("cpu")),
+                                  torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter:
+        runner.step()
+    work = lora_family.lora_work(case)
+    assert work["flops"] == counter.get_total_flops()
+    t, i, o, r = 24, 48, 80, 4
+    assert work["bytes"] == 4 * (3 * t * i + 2 * o * i + 2 * t * o + 3 * r * i + 3 * o * r)
+
+
+def _tiny_doc(**kwargs):
+    fam = harness.get_family("lora")
+    cases = fam.cases("quick", features=(32,), tokens=8, dtypes=("float32",), dropouts=(0.0,))
+    return harness.run_benchmark("lora", cases, device="cpu", repeats=2, warmup=0,
+                                 contestants=["base", "lora_ext"], **kwargs)
+
+
+def test_table_shows_throughput_only_on_gpu():
+    doc = _tiny_doc(progress=False)
+    res = doc["results"][0]
+    assert res["work"]["flops"] > 0 and res["measurements"]["lora_ext"]["tflops"] > 0
+    assert "TFLOP/s" not in harness.format_table(doc)      # CPU: JSON only
+    # the same document as if timed on an H200: ours' throughput and % of its peak appear
+    doc["environment"]["device_type"] = "cuda"
+    harness.add_throughput(res, {"model": "H200 SXM", "gbps": 4800, "tflops": 67})
+    text, markdown = harness.format_table(doc), harness.format_markdown(doc)
+    for out in (text, markdown):
+        assert "ours TFLOP/s" in out and "% peak FLOP/s" in out and "% peak GB/s" in out
+        assert "H200 SXM" in out
+    pct = res["measurements"]["lora_ext"]["pct_peak_flops"]
+    assert f"{pct:.0f}%" in text
+
+
+def test_progress_bar_goes_to_stderr(capsys):
+    _tiny_doc(progress=True)
+    err = capsys.readouterr().err
+    assert "[1/1] lora-fp32-32x32" in err
+
+
+def test_output_dir_gets_json_png_and_markdown(tmp_path, capsys):
+    fam = harness.get_family("lora")
+    cases = fam.cases("quick", features=(32,), tokens=8, dtypes=("float32",), dropouts=(0.0,))
+    args = _parse(["--device", "cpu", "--repeats", "1", "--warmup", "0", "--no-progress",
+                   "--output", str(tmp_path / "res")])
+    assert harness.main(args, cases=cases) == 0
+    files = sorted(p.name for p in (tmp_path / "res").iterdir())
+    stems = {f.rsplit(".", 1)[0] for f in files}
+    assert len(stems) == 1 and next(iter(stems)).startswith("lora-cpu-")
+    assert {f.rsplit(".", 1)[1] for f in files} == ({"json", "md", "png"} if HAS_MATPLOTLIB
+                                                     else {"json", "md"})
+    md = next((tmp_path / "res").glob("*.md")).read_text()
+    lines = md.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| dtype"))
+    assert "ours ms" in lines[header] and "ours/base" in lines[header]
+    assert set(lines[header + 1].replace("|", "").split()) <= {"---", "---:"}
+    assert lines[header + 2].startswith("| fp32 | 32x32 |")
+    doc = json.loads(next((tmp_path / "res").glob("*.json")).read_text())
+    assert doc["environment"]["date_utc"] and "lora_ext_version" in doc["environment"]
+    assert "MD:" in capsys.readouterr().out
+
+
+def test_family_selection():
+    assert harness.family_names(None) == ["lora"]
+    assert harness.family_names(["all"]) == list(harness.FAMILIES)
+    assert harness.family_names(["lora", "lora"]) == ["lora"]
+    with pytest.raises(ValueError, match="unknown benchmark family 'nope'"):
+        harness.family_names(["nope"])
+    assert harness.main(_parse(["--family", "nope", "--device", "cpu"])) == 2
+    # several families need --output, not single-file paths
+    args = _parse(["--family", "all", "--device", "cpu", "--out-json", "x.json"])
+    if len(harness.FAMILIES) > 1:
+        assert harness.main(args) == 2
+
+
+def test_time_budget_cuts_repeats_but_keeps_a_minimum():
+    fam = harness.get_family("lora")
+    cases = fam.cases("quick", features=(32, 48), tokens=8, dtypes=("float32",), dropouts=(0.0,))
+    doc = harness.run_benchmark("lora", cases, device="cpu", repeats=10, warmup=1,
+                                contestants=["base", "lora_ext"], progress=False, max_seconds=1e-6)
+    for res in doc["results"]:
+        assert res["stopped_early"]["repeats"] == harness.MIN_REPEATS
+        assert all(m["n"] == harness.MIN_REPEATS for m in res["measurements"].values())
+    assert "fewer repeats" in harness.format_table(doc)
+    full = harness.run_benchmark("lora", cases[:1], device="cpu", repeats=4, warmup=0,
+                                 contestants=["base", "lora_ext"], progress=False, max_seconds=None)
+    assert "stopped_early" not in full["results"][0]
+    assert all(m["n"] == 4 for m in full["results"][0]["measurements"].values())
+    # the command line: --quick on a cpu has a budget unless --max-seconds 0
+    assert _parse(["--max-seconds", "0"]).max_seconds == 0
+    assert harness.DEFAULT_BUDGET_S[("cpu", "quick")] <= 100
+
+
+def test_git_commit_of_a_checkout():
+    # run from a git checkout of lora-ext (CI's clean clone): the JSON names the commit
+    from pathlib import Path
+    import subprocess
+    root = Path(harness.__file__).resolve().parents[2]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True)
+    if head.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
+        pytest.skip("lora_ext is not imported from a git checkout")
+    info = harness.git_commit()
+    assert info["commit"] == head.stdout.strip() and isinstance(info["dirty"], bool)

@@ -13,16 +13,19 @@ forward + backward with x requiring grad, W frozen, lora_A/lora_B trainable), ti
 CUDA events on a GPU and perf_counter on the CPU. Reported: median and IQR of the samples,
 and every sample in the JSON. torch's thread count is left as it is, and recorded.
 
+Throughput: a family that gives the work of a step (Family.work: FLOPs and least bytes moved)
+gets achieved TFLOP/s and GB/s per contestant in the JSON, and on a GPU listed in
+DEVICE_PEAKS their share of that GPU's datasheet peak, shown in the table for ours.
+
 Public pieces: FAMILIES / register_family / get_family, Case, Contestant, Runner,
-build_runner, run_benchmark, format_table, write_json, write_png, add_arguments, main.
+build_runner, run_benchmark (here); DEVICE_PEAKS / device_peaks / add_throughput (_peaks.py);
+format_table, format_markdown, write_json, write_png, write_markdown, write_outputs,
+add_arguments, main (_output.py). The package re-exports all of them.
 """
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import gc
-import json
-import math
 import os
 import platform
 import re
@@ -36,6 +39,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ._peaks import DEVICE_PEAKS, add_throughput, device_peaks, peaks_for  # noqa: F401  (re-exported)
+
 SCHEMA_VERSION = 1
 
 # Names accepted on the command line -> torch dtype name used in Case.dtype.
@@ -47,9 +52,16 @@ DTYPE_ALIASES = {
 }
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
+# Time budget of a whole run when not given (--max-seconds): (device type, preset) -> s.
+# `--quick` on a CPU must stay short even on a slow or busy machine: cases then take fewer
+# repeats (never fewer than MIN_REPEATS), and the table says so.
+DEFAULT_BUDGET_S = {("cpu", "quick"): 90.0}
+MIN_REPEATS = 3
+
 # Defaults for repeats/warm-up when not given: (device type, preset) -> count.
 DEFAULT_REPEATS = {("cpu", "quick"): 12, ("cpu", "full"): 8, ("cuda", "quick"): 50, ("cuda", "full"): 50}
-DEFAULT_WARMUP = {"cpu": 2, "cuda": 10}
+# CPU: the output check before timing is a first warm-up call already
+DEFAULT_WARMUP = {"cpu": 1, "cuda": 10}
 
 
 class Unavailable(RuntimeError):
@@ -127,6 +139,10 @@ class Family:
     ratios: tuple[tuple[str, str, str], ...]        # (column, numerator, denominator)
     check: Callable[[Case, Any, str, torch.Tensor], float | None] | None = None  # -> rel. error
     tolerance: Callable[[Case], float] = lambda case: 0.0
+    # The work of one step, the same for every contestant: {"flops": ..., "bytes": ...} (bytes:
+    # the least memory traffic, each operand read or written once per pass). Gives achieved
+    # FLOP/s and bandwidth, and their share of the device's peak (DEVICE_PEAKS).
+    work: Callable[[Case], Mapping[str, float]] | None = None
 
     def contestant(self, name: str) -> Contestant:
         for c in self.contestants:
@@ -243,8 +259,13 @@ class _Progress:
 
 
 def run_case(family: Family, case: Case, device: torch.device, names: Sequence[str], repeats: int,
-             warmup: int, progress: _Progress | None = None) -> dict:
-    """Time the named contestants on one case, interleaved round-robin. Returns the case record."""
+             warmup: int, progress: _Progress | None = None, budget_s: float | None = None) -> dict:
+    """Time the named contestants on one case, interleaved round-robin. Returns the case record.
+
+    budget_s: once the case has taken this long (set-up included), stop after the current
+    round, keeping at least MIN_REPEATS timed rounds; the record says how many were taken.
+    """
+    started = time.perf_counter()
     record: dict = {"case": case.as_dict(), "measurements": {}, "skipped": {}, "check": {}, "info": {}}
     inputs = family.make_inputs(case, device)
     runners: dict[str, Runner] = {}
@@ -291,12 +312,22 @@ def run_case(family: Family, case: Case, device: torch.device, names: Sequence[s
                     samples[name].append(ms)
                 if progress:
                     progress.update(1)
+            timed = rep + 1 - warmup
+            if budget_s is not None and timed >= min(MIN_REPEATS, repeats) and rep + 1 < per_contestant \
+                    and time.perf_counter() - started > budget_s:
+                record["stopped_early"] = {"repeats": timed, "budget_s": round(budget_s, 2)}
+                if progress:
+                    progress.update((per_contestant - rep - 1) * len(order))
+                break
     finally:
         if gc_was_enabled:
             gc.enable()
     for name in order:
         record["measurements"][name] = summarize(samples[name])
     record["ratios"] = case_ratios(family, record["measurements"])
+    if family.work is not None:
+        record["work"] = dict(family.work(case))
+        add_throughput(record, peaks_for(device, case.dtype))
     del runners, inputs
     gc.collect()
     if device.type == "cuda":
@@ -329,7 +360,7 @@ def find_repo_root(start: Path | None = None) -> Path | None:
 
 def git_commit(package_dir: Path | None = None) -> dict:
     """Commit of the lora_ext source being benchmarked, when it is a git checkout."""
-    package_dir = package_dir or Path(__file__).resolve().parent
+    package_dir = package_dir or Path(__file__).resolve().parents[1]    # lora_ext/
     info = {"commit": None, "dirty": None}
     try:
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=package_dir,
@@ -432,8 +463,12 @@ def environment(device: torch.device) -> dict:
 
 def run_benchmark(family: Family | str, cases: Sequence[Case], device: str | torch.device = "cpu",
                   repeats: int = 15, warmup: int = 3, contestants: Sequence[str] | None = None,
-                  progress: bool = True, config: Mapping | None = None) -> dict:
-    """Run every case; returns the full result document (what write_json writes)."""
+                  progress: bool = True, config: Mapping | None = None,
+                  max_seconds: float | None = None) -> dict:
+    """Run every case; returns the full result document (what write_json writes).
+
+    max_seconds: a budget for the whole run, shared out over the cases still to run (a case
+    that finishes early leaves its time to the others); None = no budget."""
     family = get_family(family) if isinstance(family, str) else family
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -451,6 +486,7 @@ def run_benchmark(family: Family | str, cases: Sequence[Case], device: str | tor
         "config": {"repeats": repeats, "warmup": warmup, "contestants": names,
                    "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
                    "order": "round-robin over repeats, rotating first contestant",
+                   "max_seconds": max_seconds,
                    **(config or {})},
         "contestants": {c.name: {"label": c.label, "description": c.description}
                         for c in family.contestants if c.name in names},
@@ -459,254 +495,17 @@ def run_benchmark(family: Family | str, cases: Sequence[Case], device: str | tor
     }
     bar = _Progress(len(cases) * len(names) * (warmup + repeats), progress, len(cases))
     counters = _cpu_counters()
+    started = time.perf_counter()
     try:
-        for case in cases:
+        for i, case in enumerate(cases):
             bar.case(case.id)
-            doc["results"].append(run_case(family, case, device, names, repeats, warmup, bar))
+            budget = None
+            if max_seconds:
+                budget = max(0.0, max_seconds - (time.perf_counter() - started)) / (len(cases) - i)
+            doc["results"].append(run_case(family, case, device, names, repeats, warmup, bar, budget))
     finally:
         bar.close()
     doc["environment"]["loadavg_end"] = _loadavg()
     # CPU time of other processes while we ran, as a share of all cores: noise on CPU timings
     doc["environment"]["other_processes_cpu_share"] = other_cpu_share(counters, _cpu_counters())
     return doc
-
-
-# ---------------------------------------------------------------- output
-
-
-def _fmt_ms(m: Mapping | None) -> str:
-    if not m:
-        return "n/a"
-    med, iqr = m["median_ms"], m["iqr_ms"]
-    digits = 2 if med < 100 else 1
-    return f"{med:.{digits}f} ±{iqr:.{digits}f}"
-
-
-def _fmt_ratio(r: float | None) -> str:
-    return "n/a" if r is None else f"{r:.2f}x"
-
-
-def format_table(doc: Mapping) -> str:
-    """The summary table of a result document, as text."""
-    env, cfg = doc["environment"], doc["config"]
-    labels = {name: c["label"] for name, c in doc["contestants"].items()}
-    names = [n for n in cfg["contestants"] if n in labels]
-    ratio_cols = [r["column"] for r in doc["ratios"]]
-    header = ["dtype", "in x out", "tokens", "r", "dropout"] + [f"{labels[n]} ms" for n in names] \
-        + ratio_cols
-    rows = []
-    for res in doc["results"]:
-        c = res["case"]
-        row = [DTYPE_SHORT.get(c["dtype"], c["dtype"]), f"{c['in_features']}x{c['out_features']}",
-               str(c["tokens"]), str(c["r"]), f"{c['dropout']:g}"]
-        row += [_fmt_ms(res["measurements"].get(n)) for n in names]
-        row += [_fmt_ratio(res["ratios"].get(col)) for col in ratio_cols]
-        rows.append(row)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    left = 2   # dtype and shape left-aligned, numbers right-aligned
-
-    def line(cells):
-        return "  ".join(cell.ljust(w) if i < left else cell.rjust(w)
-                         for i, (cell, w) in enumerate(zip(cells, widths)))
-    threads = env.get("torch_num_threads")
-    out = [
-        f"lora-ext bench  family={doc['family']}  {doc['measures']}",
-        f"device {env['device']} ({env['device_name']}), torch {env['torch_version']}, "
-        f"lora_ext {env['lora_ext_version']}, {threads} torch threads / {env['cpu_count']} CPUs, "
-        f"commit {(env.get('git_commit') or 'n/a')[:12]}{'+dirty' if env.get('git_dirty') else ''}",
-        f"times: median ±IQR in ms over {cfg['repeats']} repeats (after {cfg['warmup']} warm-up), "
-        "contestants interleaved; ratios are of medians (x/base < 1 is faster than base; "
-        "speedup > 1 means ours is faster)",
-        "",
-        line(header),
-        line(["-" * w for w in widths]),
-        *(line(r) for r in rows),
-        "",
-    ]
-    out += [f"  {labels[n]:>6} = {doc['contestants'][n]['description']}" for n in names]
-    notes = []
-    for res in doc["results"]:
-        for name, why in res.get("skipped", {}).items():
-            notes.append(f"{res['case']['id']}: {name} skipped: {why}")
-        for name, chk in res.get("check", {}).items():
-            if not chk["ok"]:
-                notes.append(f"{res['case']['id']}: {name} output differs from the reference: "
-                             f"max rel. error {chk['max_rel_err']:.3g} > {chk['tolerance']:.3g}")
-    share = env.get("other_processes_cpu_share")
-    if env.get("device_type") == "cpu" and share is not None and share > 0.05:
-        notes.append(f"other processes used {100 * share:.0f}% of all CPU time during the run: "
-                     "they compete for the cores, so CPU timings are noisy")
-    seen = set()
-    notes = [n for n in notes if not (n in seen or seen.add(n))]
-    if notes:
-        out += ["", "notes:"] + [f"  {n}" for n in notes]
-    return "\n".join(out)
-
-
-def write_json(doc: Mapping, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    return path
-
-
-def _case_label(case: Mapping, varying: set[str]) -> str:
-    parts = [DTYPE_SHORT.get(case["dtype"], case["dtype"]), f"{case['in_features']}x{case['out_features']}"]
-    if "tokens" in varying:
-        parts.append(f"t{case['tokens']}")
-    if "r" in varying:
-        parts.append(f"r{case['r']}")
-    parts.append(f"p{case['dropout']:g}")
-    return " ".join(parts)
-
-
-def write_png(doc: Mapping, path: str | Path) -> Path | None:
-    """Grouped bars of time / base time per case; returns None (writes nothing) without matplotlib."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    base = get_family(doc["family"]).baseline if doc["family"] in FAMILIES else "base"
-    results = doc["results"]
-    names = [n for n in doc["config"]["contestants"] if n != base]
-    labels = {n: c["label"] for n, c in doc["contestants"].items()}
-    varying = {k for k in ("tokens", "r") if len({res["case"][k] for res in results}) > 1}
-    xlabels = [_case_label(res["case"], varying) for res in results]
-    fig = Figure(figsize=(max(6.0, 1.1 * len(results) + 2.0), 4.8))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    width = 0.8 / max(len(names), 1)
-    for i, name in enumerate(names):
-        vals = []
-        for res in results:
-            m, b = res["measurements"].get(name), res["measurements"].get(base)
-            vals.append(m["median_ms"] / b["median_ms"] if m and b and b["median_ms"] > 0 else math.nan)
-        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(results))]
-        bars = ax.bar(xs, vals, width, label=labels.get(name, name))
-        ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.2f}" for v in vals], fontsize=7,
-                     padding=1)
-    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-    ax.set_xticks(range(len(results)), xlabels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"time / {labels.get(base, base)} time (lower is better)")
-    env = doc["environment"]
-    ax.set_title(f"{doc['family']}: {doc['measures'].split(' (')[0]} on {env['device_name']} "
-                 f"({env['device']}), torch {env['torch_version']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
-
-
-def default_output_stem(family: str, device: torch.device, when: _dt.datetime | None = None) -> str:
-    when = when or _dt.datetime.now(_dt.timezone.utc)
-    dev = "cpu" if device.type == "cpu" else f"{device.type}-{_slug(device_name(device))}"
-    return f"{family}-{dev}-{when.strftime('%Y%m%dT%H%M%SZ')}"
-
-
-def default_output_dir() -> Path:
-    """benchmarks/results/ of the lora-ext checkout we run from, else the current directory."""
-    root = find_repo_root()
-    return root / "benchmarks" / "results" if root else Path.cwd()
-
-
-# ---------------------------------------------------------------- command line
-
-
-def _csv(kind: Callable[[str], Any]):
-    def parse(text: str):
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-    return parse
-
-
-def _dtype_name(text: str) -> str:
-    key = text.strip().lower()
-    if key not in DTYPE_ALIASES:
-        raise ValueError(f"unknown dtype {text!r}; choose from fp32, bf16, fp16, fp64")
-    return DTYPE_ALIASES[key]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `lora-ext bench`."""
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                        help="device to time on (default: cuda if available, else cpu)")
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="lora",
-                        help="kernel family to benchmark (default: lora)")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                      help="small grid (in/out 1024, 2048), the default")
-    size.add_argument("--full", dest="preset", action="store_const", const="full",
-                      help="full grid (in/out 1024, 2048, 4096)")
-    parser.set_defaults(preset="quick")
-    parser.add_argument("--dtype", action="append", type=_csv(_dtype_name), default=None,
-                        metavar="DTYPE[,DTYPE]",
-                        help="only these dtypes (fp32, bf16, fp16, fp64; repeatable; default: the "
-                             "preset's fp32 and bf16)")
-    parser.add_argument("--features", type=_csv(str), default=None, metavar="N|INxOUT[,...]",
-                        help="override the preset's in/out features, e.g. 4096 or 4096x11008")
-    parser.add_argument("--tokens", type=_csv(int), default=None, metavar="T[,T]",
-                        help="override the preset's tokens per call (default 2048)")
-    parser.add_argument("--rank", type=_csv(int), default=None, metavar="R[,R]",
-                        help="override the preset's LoRA rank (default 16)")
-    parser.add_argument("--dropout", type=_csv(float), default=None, metavar="P[,P]",
-                        help="override the preset's dropout values (default 0,0.05)")
-    parser.add_argument("--contestants", type=_csv(str), default=None, metavar="NAME[,NAME]",
-                        help="contestants to time (lora: base, peft, lora_ext, torch; default all)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed calls per contestant and case (default: cpu 12 quick / 8 full, "
-                             "cuda 50)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed calls per contestant first (default: cpu 2, cuda 10)")
-    parser.add_argument("--out-json", default=None, metavar="PATH",
-                        help="JSON results path (default: benchmarks/results/ in a checkout, else "
-                             "the current directory; the name holds family, device and date)")
-    parser.add_argument("--out-png", default=None, metavar="PATH",
-                        help="PNG chart path (same default place; skipped without matplotlib)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def main(args: argparse.Namespace, *, cases: Sequence[Case] | None = None) -> int:
-    """`lora-ext bench`. `cases` replaces the preset grid (used by tests for tiny sizes)."""
-    family = get_family(getattr(args, "family", None) or "lora")
-    dev_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev_name == "cuda" and not torch.cuda.is_available():
-        print("lora-ext bench: --device cuda but no CUDA device is visible", file=sys.stderr)
-        return 2
-    device = torch.device(dev_name)
-    preset = getattr(args, "preset", None) or "quick"
-    if cases is None:
-        dtypes = [d for group in args.dtype for d in group] if args.dtype else None
-        cases = family.cases(preset, features=args.features, tokens=args.tokens, ranks=args.rank,
-                             dropouts=args.dropout, dtypes=dtypes)
-    elif args.dtype:
-        wanted = {d for group in args.dtype for d in group}
-        cases = [c for c in cases if c.dtype in wanted]
-    if not cases:
-        print("lora-ext bench: no cases to run", file=sys.stderr)
-        return 2
-    repeats = args.repeats or DEFAULT_REPEATS.get((device.type, preset), 15)
-    warmup = args.warmup if args.warmup is not None else DEFAULT_WARMUP.get(device.type, 3)
-    try:
-        doc = run_benchmark(family, cases, device, repeats=repeats, warmup=warmup,
-                            contestants=args.contestants, progress=not args.no_progress,
-                            config={"preset": preset, "argv": sys.argv})
-    except (KeyError, ValueError) as error:
-        print(f"lora-ext bench: {error}", file=sys.stderr)
-        return 2
-    print(format_table(doc))
-    stem = default_output_stem(family.name, device)
-    out_dir = default_output_dir()
-    json_path = write_json(doc, args.out_json or out_dir / f"{stem}.json")
-    print(f"\nJSON: {json_path}")
-    png_path = write_png(doc, args.out_png or out_dir / f"{stem}.png")
-    print(f"PNG:  {png_path}" if png_path else "PNG:  skipped (matplotlib is not installed)")
-    return 0

@@ -192,6 +192,21 @@ def _lora_check(case: Case, inp: LoraInputs, name: str, y: torch.Tensor) -> floa
     return float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
+def lora_work(case: Case) -> dict:
+    """FLOPs and least bytes of one step (forward, and backward to x, A and B; W frozen).
+
+    forward  x W^T, x A^T, z B^T                         2T(io + ir + ro)
+    backward gx = gy W + s (gy B) A, gA, gB              2T(oi + 2or + 2ri)
+    bytes: forward reads x, W, A, B and writes y; backward reads gy, x, W, A, B and writes
+    gx, gA, gB (z = x A^T and the dropout mask are r-wide or regenerated: not counted).
+    """
+    t, i, o, r = case.tokens, case.in_features, case.out_features, case.r
+    size = torch.empty((), dtype=case.torch_dtype).element_size()
+    flops = 4 * t * i * o + 6 * t * r * (i + o)
+    elements = 3 * t * i + 2 * o * i + 2 * t * o + 3 * r * i + 3 * o * r
+    return {"flops": flops, "bytes": elements * size}
+
+
 def _lora_tolerance(case: Case) -> float:
     return {"float64": 1e-10, "float32": 1e-4, "float16": 1e-2}.get(case.dtype, 4e-2)
 
@@ -225,5 +240,6 @@ register_family(Family(
             ("peft/ours (speedup)", "peft", "lora_ext")),
     check=_lora_check,
     tolerance=_lora_tolerance,
+    work=lora_work,
 ))
 

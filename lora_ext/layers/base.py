@@ -198,3 +198,5 @@ class LoraLayer:
         if len(x) != len(adapter_names):
             raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
                              f"{len(adapter_names)} and {len(x)} respectively.")
+        if any(self.use_dora.get(name, False) for name in set(adapter_names) - {"__base__"}):
+            raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dora
 from .base import LoraLayer
 
 
@@ -16,6 +17,7 @@ class Conv2d(nn.Module, LoraLayer):
                  use_dora: bool = False, **kwargs: Any) -> None:
         super().__init__()
         self._init_lora_state(base_layer, base_layer.in_channels, base_layer.out_channels)
+        self._dora_merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the norms used at merge time
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
         self.set_adapter(adapter_name)
 
@@ -24,13 +26,14 @@ class Conv2d(nn.Module, LoraLayer):
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         base = self.base_layer
-        if use_dora:
-            raise ValueError("use_dora=True is not supported for Conv2d layers by lora-ext")
+        if use_dora and base.groups > 1:
+            raise ValueError(f"use_dora=True needs a Conv2d with groups=1 (got groups={base.groups}): the DoRA "
+                             "weight norm of a grouped convolution is not defined by PEFT")
         if r % base.groups != 0:
             raise ValueError(f"Targeting a Conv2d with groups={base.groups} and rank {r}: the rank must be "
                              "divisible by groups")
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
-        self.use_dora[adapter_name] = False
+        self.use_dora[adapter_name] = bool(use_dora)
         self.lora_dropout[adapter_name] = self._dropout_module(lora_dropout)
         self.lora_A[adapter_name] = nn.Conv2d(self.in_features, r, base.kernel_size, base.stride, base.padding,
                                               bias=False)
@@ -38,7 +41,34 @@ class Conv2d(nn.Module, LoraLayer):
                                               bias=False)
         self._initialise(adapter_name, init_lora_weights, "conv2d")
         self._move_adapter_to_base(adapter_name)
+        if use_dora:  # PEFT keeps the conv magnitude as [1, out, 1, 1]
+            self.lora_magnitude_vector[adapter_name] = dora.DoraMagnitude(
+                self, adapter_name, shape=(1, self.out_features, 1, 1))
         self.set_adapter(self.active_adapters)
+
+    # DoRA sees the kernel as [out, in·kh·kw]; B·A of the flattened factors is the composed kernel.
+    def base_weight_out_in(self) -> torch.Tensor:
+        return self.to_out_in(self.base_layer.weight)
+
+    def dora_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        return weight_A.reshape(weight_A.shape[0], -1), weight_B.reshape(weight_B.shape[0], -1)
+
+    def to_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(weight.shape[0], -1)
+
+    def from_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(self.base_layer.weight.shape)
+
+    def merged_weight(self, adapter: str) -> torch.Tensor:
+        if self.use_dora.get(adapter, False):
+            return dora.merge_dora(self, adapter)
+        return super().merged_weight(adapter)
+
+    def unmerged_weight(self, adapter: str) -> torch.Tensor:
+        if self.use_dora.get(adapter, False):
+            return dora.unmerge_dora(self, adapter)
+        return super().unmerged_weight(adapter)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         if self.base_layer.groups > 1:
@@ -73,7 +103,10 @@ class Conv2d(nn.Module, LoraLayer):
         result_dtype = result.dtype
         for name in self.active_adapters:
             if name in self.lora_A:
-                result = result + self._adapter_output(x, name)
+                if self.use_dora.get(name, False):
+                    result = result + dora.dora_conv_contribution(self, x, name, result)
+                else:
+                    result = result + self._adapter_output(x, name)
         return result.to(result_dtype)
 
     def _adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dora
+from .. import serving
 from .base import LoraLayer
 
 
@@ -21,6 +23,7 @@ class Embedding(nn.Module, LoraLayer):
         super().__init__()
         num_embeddings, embedding_dim = base_layer.weight.shape
         self._init_lora_state(base_layer, num_embeddings, embedding_dim)
+        self._dora_merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the norms used at merge time
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
         self.set_adapter(adapter_name)
 
@@ -28,16 +31,38 @@ class Embedding(nn.Module, LoraLayer):
                      init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False) -> None:
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-        if use_dora:
-            raise ValueError("use_dora=True is not supported for Embedding layers by lora-ext")
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
-        self.use_dora[adapter_name] = False
+        self.use_dora[adapter_name] = bool(use_dora)
         self.lora_dropout[adapter_name] = self._dropout_module(lora_dropout)
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
         self._initialise(adapter_name, init_lora_weights, "embedding")
         self._move_adapter_to_base(adapter_name)
+        if use_dora:  # magnitude per embedding dimension, as PEFT's DoraEmbeddingLayer
+            self.lora_magnitude_vector[adapter_name] = dora.DoraMagnitude(self, adapter_name)
         self.set_adapter(self.active_adapters)
+
+    # DoRA sees the table as Wᵀ [embedding_dim, num_embeddings]: one norm per output dimension.
+    def base_weight_out_in(self) -> torch.Tensor:
+        return self.base_layer.weight.T
+
+    def dora_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[adapter], self.lora_embedding_B[adapter]
+
+    def to_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T
+
+    from_out_in = to_out_in
+
+    def merged_weight(self, adapter: str) -> torch.Tensor:
+        if self.use_dora.get(adapter, False):
+            return dora.merge_dora(self, adapter)
+        return super().merged_weight(adapter)
+
+    def unmerged_weight(self, adapter: str) -> torch.Tensor:
+        if self.use_dora.get(adapter, False):
+            return dora.unmerge_dora(self, adapter)
+        return super().unmerged_weight(adapter)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         weight_A, weight_B = self.lora_embedding_A[adapter], self.lora_embedding_B[adapter]
@@ -69,17 +94,16 @@ class Embedding(nn.Module, LoraLayer):
         if adapter_names is not None:
             self._check_adapter_names(x, adapter_names)
             result = self.base_layer(x, *args, **kwargs)
-            for name in dict.fromkeys(adapter_names):
-                if name in self.lora_embedding_A:
-                    rows = [i for i, n in enumerate(adapter_names) if n == name]
-                    result[rows] += self._adapter_output(x[rows], name).to(result.dtype)
-            return result
+            return serving.mixed_batch_embedding(self, x, result, adapter_names)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
         for name in self.active_adapters:
             if name in self.lora_embedding_A:
-                result = result + self._adapter_output(x, name)
+                if self.use_dora.get(name, False):
+                    result = dora.dora_embedding_forward(self, x, name, result)
+                else:
+                    result = result + self._adapter_output(x, name)
         return result
 
     def __repr__(self) -> str:

@@ -3,7 +3,8 @@
 The first active adapter runs through the fused kernel (base GEMM, Philox dropout,
 A, B and scaling in one op that keeps only x and z = drop(x)·Aᵀ for backward). Any
 further active adapters, autocast regions and mixed-batch calls take the plain
-PyTorch formulation PEFT uses, with the same numbers.
+PyTorch formulation PEFT uses, with the same numbers. Mixed batches (adapter_names)
+run through lora_ext.serving's adapter pool and the BGMV/SGMV kernels.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import ops
+from .. import ops, serving
 from . import dora
 from .base import LoraLayer
 
@@ -71,6 +72,14 @@ class Linear(nn.Module, LoraLayer):
         weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight
 
+    def dora_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[adapter].weight, self.lora_B[adapter].weight
+
+    def to_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
+
+    from_out_in = to_out_in
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """scaling·B·A in the base weight's layout (transposed for fan_in_fan_out)."""
         weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
@@ -120,9 +129,8 @@ class Linear(nn.Module, LoraLayer):
             rest = active
         result_dtype = result.dtype
         for name in rest:
-            if self.use_dora.get(name, False):  # its contribution: the DoRA output minus the base output
-                base = torch.nn.functional.linear(x, self.base_weight_out_in(), self.base_layer.bias)
-                result = result + (dora.dora_forward(self, x, name, fresh_dropout_seed) - base)
+            if self.use_dora.get(name, False):  # PEFT's formulation, on the running result
+                result = result + dora.dora_linear_contribution(self, x, name, result)
             else:
                 result = result + self._adapter_output(x, name)
         return result.to(result_dtype)
@@ -154,14 +162,10 @@ class Linear(nn.Module, LoraLayer):
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any,
                              **kwargs: Any) -> torch.Tensor:
+        """Row i with adapter adapter_names[i]: the base output plus one BGMV/SGMV shrink and
+        expand over the layer's adapter pool, whatever the number of distinct adapters."""
         result = self.base_layer(x, *args, **kwargs)
-        result_dtype = result.dtype
-        for name in dict.fromkeys(adapter_names):
-            if name not in self.lora_A:
-                continue
-            rows = [i for i, n in enumerate(adapter_names) if n == name]
-            result[rows] += self._adapter_output(x[rows], name).to(result_dtype)
-        return result
+        return serving.mixed_batch_linear(self, x, result, adapter_names)
 
     def __repr__(self) -> str:
         return "lora_ext." + super().__repr__()

@@ -1,0 +1,231 @@
+// DoRA: the weight norm ‖W + s·B·A‖ per output row (kernels in csrc/cpu/dora.cpp and
+// csrc/cuda/dora.cu), and the DoRA linear forward/backward, whose GEMMs run through ATen
+// around the Philox dropout kernels of the fused LoRA linear.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "core/dropout.h"
+#include "cpu/dora.h"
+#include "cpu/lora_linear.h"
+
+#ifdef LORA_EXT_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/dora.cuh"
+#include "cuda/lora_linear.cuh"
+#endif
+
+namespace lora_ext {
+namespace {
+
+using at::Tensor;
+
+#ifdef LORA_EXT_WITH_CUDA
+cuda::DType cuda_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kDouble: return cuda::DType::kFloat64;
+    case at::kHalf: return cuda::DType::kFloat16;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default: TORCH_CHECK(false, "lora_ext: unsupported dtype ", type);
+  }
+}
+#endif
+
+at::ScalarType acc_type(at::ScalarType type) {
+  return type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// dropped = mask * scale * x and/or grad *= mask * scale, one Philox pass (the same mask as
+// lora_linear for the same seed and offset).
+void dropout_apply(const Tensor& x, const Tensor& dropped, const Tensor& grad,
+                   const core::DropoutParams& params) {
+  const Tensor& like = x.defined() ? x : grad;
+  if (like.is_cuda()) {
+#ifdef LORA_EXT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(like.device());
+    auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
+    C10_CUDA_CHECK(cuda::launch_dropout_apply(cuda_dtype(like.scalar_type()), ptr(x), ptr(dropped),
+                                              ptr(grad), like.numel(), params,
+                                              c10::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "lora_ext was built without CUDA kernels");
+#endif
+  } else {
+    cpu::dropout_apply(x, dropped, grad, params);
+  }
+}
+
+void check_factors(const char* op, const Tensor& weight, const Tensor& lora_A,
+                   const Tensor& lora_B) {
+  TORCH_CHECK(weight.dim() == 2 && lora_A.dim() == 2 && lora_B.dim() == 2, op,
+              ": weight, lora_A and lora_B must be 2-D");
+  const int64_t in = weight.size(1), out = weight.size(0), r = lora_A.size(0);
+  TORCH_CHECK(lora_A.size(1) == in, op, ": lora_A must be [r, ", in, "], got ", lora_A.sizes());
+  TORCH_CHECK(lora_B.size(0) == out && lora_B.size(1) == r, op, ": lora_B must be [", out, ", ",
+              r, "], got ", lora_B.sizes());
+  TORCH_CHECK(weight.scalar_type() == lora_A.scalar_type() &&
+                  weight.scalar_type() == lora_B.scalar_type(),
+              op, ": weight, lora_A and lora_B must share one dtype");
+}
+
+// ‖W + s·B·A‖ per row of W [out, in], in the accumulation type. W is read in place when
+// its rows or its columns are contiguous (Conv1D and embedding tables store Wᵀ).
+Tensor dora_weight_norm(const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+                        double scaling) {
+  check_factors("dora_weight_norm", weight, lora_A, lora_B);
+  const auto acc = acc_type(weight.scalar_type());
+  const int64_t out = weight.size(0), in = weight.size(1);
+  const bool rows_contiguous =
+      weight.stride(1) == 1 && (out <= 1 || weight.stride(0) >= in);
+  const bool columns_contiguous =
+      !rows_contiguous && weight.stride(0) == 1 && (in <= 1 || weight.stride(1) >= out);
+  Tensor m, p, q;
+  if (columns_contiguous) {  // M = Wᵀ [in, out]: column sums of Wᵀ + Aᵀ·(s·Bᵀ)
+    m = weight.t();
+    p = lora_A.t().to(acc).contiguous();
+    q = lora_B.t().to(acc).mul(scaling).contiguous();
+  } else {  // M = W [out, in]: row sums of W + (s·B)·A
+    m = rows_contiguous ? weight : weight.contiguous();
+    p = lora_B.to(acc).mul(scaling).contiguous();
+    q = lora_A.to(acc).contiguous();
+  }
+  Tensor sums = at::empty({out}, weight.options().dtype(acc));
+  if (weight.is_cuda()) {
+#ifdef LORA_EXT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(weight.device());
+    const int64_t partials = cuda::dora_partial_count(m.size(0), m.size(1), columns_contiguous);
+    Tensor scratch = at::empty({partials * out}, sums.options());
+    C10_CUDA_CHECK(cuda::launch_dora_sum_squares(
+        cuda_dtype(weight.scalar_type()), m.data_ptr(), m.size(0), m.size(1), m.stride(0),
+        p.data_ptr(), q.data_ptr(), static_cast<int>(p.size(1)), columns_contiguous,
+        scratch.data_ptr(), sums.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "lora_ext was built without CUDA kernels");
+#endif
+  } else {
+    cpu::dora_sum_squares(m, p, q, columns_contiguous, sums);
+  }
+  return sums.sqrt_();
+}
+
+void check_linear(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
+                  const Tensor& lora_B, const Tensor& magnitude, const Tensor& weight_norm,
+                  double dropout_p) {
+  check_factors("dora_linear", weight, lora_A, lora_B);
+  const int64_t in = weight.size(1), out = weight.size(0);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "dora_linear: x must be [..., ", in, "]");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type() &&
+                  magnitude.scalar_type() == weight.scalar_type(),
+              "dora_linear: x, weight and magnitude must share one dtype");
+  TORCH_CHECK(magnitude.dim() == 1 && magnitude.size(0) == out, "dora_linear: magnitude must be [",
+              out, "]");
+  TORCH_CHECK(weight_norm.dim() == 1 && weight_norm.size(0) == out,
+              "dora_linear: weight_norm must be [", out, "]");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dora_linear: dropout_p must be in [0, 1)");
+}
+
+// g = magnitude / ‖W + s·B·A‖, computed in the accumulation type, used in x's dtype.
+Tensor magnitude_scale(const Tensor& magnitude, const Tensor& weight_norm, at::ScalarType dtype) {
+  const auto acc = acc_type(dtype);
+  return magnitude.to(acc).div(weight_norm.to(acc)).to(dtype);
+}
+
+// Without dropout:  h = x·Wᵀ + s·z·Bᵀ (z = x·Aᵀ),      y = g ⊙ h + b,          hm = h.
+// With dropout:     hd = d·Wᵀ + s·z·Bᵀ (z = d·Aᵀ),    y = x·Wᵀ + b + s·z·Bᵀ + (g - 1) ⊙ hd,  hm = hd.
+// Both equal PEFT's base(x) + (g - 1)·base_noBias(drop(x)) + g·s·B(A(drop(x))). hm is what g
+// multiplies: the magnitude's gradient is colsum(grad_y ⊙ hm) / ‖·‖.
+std::tuple<Tensor, Tensor, Tensor> dora_linear_forward(
+    const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
+    const Tensor& lora_B, const Tensor& magnitude, const Tensor& weight_norm, double scaling,
+    double dropout_p, int64_t seed, int64_t offset) {
+  check_linear(x, weight, lora_A, lora_B, magnitude, weight_norm, dropout_p);
+  const int64_t in = weight.size(1), out = weight.size(0);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const Tensor x2d = x.reshape({-1, in});
+  const Tensor g = magnitude_scale(magnitude, weight_norm, x.scalar_type());
+  const Tensor scaled_B_t = lora_B.t() * scaling;  // scale the [out, r] factor, not an output
+  Tensor y, z, hm;
+  if (dropout_p == 0.0) {
+    z = at::mm(x2d, lora_A.t());
+    hm = at::mm(z, scaled_B_t);
+    hm.addmm_(x2d, weight.t());  // the only big GEMM: x·Wᵀ serves base and DoRA terms alike
+    y = has_bias ? at::addcmul(*bias, hm, g) : hm * g;
+  } else {
+    const auto params = core::make_dropout_params(dropout_p, seed, offset);
+    const Tensor x_contig = x2d.contiguous();
+    const Tensor dropped = at::empty_like(x_contig);
+    dropout_apply(x_contig, dropped, Tensor(), params);
+    z = at::mm(dropped, lora_A.t());
+    y = at::mm(z, scaled_B_t);
+    hm = at::addmm(y, dropped, weight.t());
+    if (has_bias) y.add_(*bias);
+    y.addmm_(x2d, weight.t());
+    y.addcmul_(hm, g - 1);
+  }
+  std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
+  y_shape.back() = out;
+  return {y.view(y_shape), z, hm};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
+    const Tensor& grad_y, const Tensor& x, const Tensor& z, const Tensor& hm, const Tensor& weight,
+    const Tensor& lora_A, const Tensor& lora_B, const Tensor& magnitude, const Tensor& weight_norm,
+    double scaling, double dropout_p, int64_t seed, int64_t offset,
+    std::array<bool, 4> output_mask) {
+  check_linear(x, weight, lora_A, lora_B, magnitude, weight_norm, dropout_p);
+  const int64_t in = weight.size(1), out = weight.size(0);
+  const bool need_x = output_mask[0], need_A = output_mask[1], need_B = output_mask[2],
+             need_m = output_mask[3];
+  const Tensor g2d = grad_y.reshape({-1, out});
+  const Tensor x2d = x.reshape({-1, in});
+  const auto acc = acc_type(x.scalar_type());
+  const Tensor g = magnitude_scale(magnitude, weight_norm, x.scalar_type());
+
+  Tensor grad_x = at::empty({0}, x.options());
+  Tensor grad_A = at::empty({0}, lora_A.options());
+  Tensor grad_B = at::empty({0}, lora_B.options());
+  Tensor grad_m = at::empty({0}, magnitude.options());
+  if (need_m) {
+    grad_m = at::sum(g2d * hm, {0}, false, acc).div_(weight_norm.to(acc)).to(magnitude.scalar_type());
+  }
+  if (!need_x && !need_A && !need_B) return {grad_x, grad_A, grad_B, grad_m};
+  const Tensor gg = g2d * g;  // the gradient reaching the adapter path (and h when p = 0)
+  if (need_B) grad_B = at::mm(gg.t(), z).mul_(scaling);
+  if (!need_x && !need_A) return {grad_x, grad_A, grad_B, grad_m};
+  const Tensor grad_z = at::mm(gg, lora_B).mul_(scaling);
+  if (need_x) grad_x = at::mm(grad_z, lora_A);
+  if (dropout_p == 0.0) {
+    if (need_A) grad_A = at::mm(grad_z.t(), x2d);
+    if (need_x) grad_x.addmm_(gg, weight);
+  } else {
+    // grad_x = grad_y·W + mask ⊙ ((g - 1) ⊙ grad_y)·W + mask ⊙ grad_z·A, the mask regenerated.
+    if (need_x) grad_x.addmm_(g2d * (g - 1), weight);
+    const auto params = core::make_dropout_params(dropout_p, seed, offset);
+    const Tensor x_contig = need_A ? x2d.contiguous() : Tensor();
+    const Tensor dropped = need_A ? at::empty_like(x_contig) : Tensor();
+    dropout_apply(x_contig, dropped, need_x ? grad_x : Tensor(), params);
+    if (need_A) grad_A = at::mm(grad_z.t(), dropped);
+    if (need_x) grad_x.addmm_(g2d, weight);
+  }
+  if (need_x) grad_x = grad_x.view(x.sizes());
+  return {grad_x, grad_A, grad_B, grad_m};
+}
+
+}  // namespace
+}  // namespace lora_ext
+
+TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
+  m.impl("dora_weight_norm", &lora_ext::dora_weight_norm);
+  m.impl("dora_linear_forward", &lora_ext::dora_linear_forward);
+  m.impl("dora_linear_backward", &lora_ext::dora_linear_backward);
+}
+
+#ifdef LORA_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
+  m.impl("dora_weight_norm", &lora_ext::dora_weight_norm);
+  m.impl("dora_linear_forward", &lora_ext::dora_linear_forward);
+  m.impl("dora_linear_backward", &lora_ext::dora_linear_backward);
+}
+#endif
