@@ -250,9 +250,10 @@ def test_dora_magnitude_initialises_like_peft_on_bitsandbytes():
         torch.testing.assert_close(ours_state[key], theirs_state[key], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_merge_and_unload_requantises_as_peft_does(use_dora):
-    base = quantized_llama()
+def test_merge_and_unload_requantises_as_peft_does(use_dora, dtype):
+    base = quantized_llama(dtype=dtype)
     bnb_base = bnb_copy(base)
     ours = get_peft_model(base, LoraConfig(**qlora_config(use_dora=use_dora)))
     randomise_adapters(ours)
@@ -277,6 +278,10 @@ def test_merge_and_unload_requantises_as_peft_does(use_dora):
 def test_merge_unmerge_and_safe_merge():
     model = get_peft_model(quantized_llama(), LoraConfig(**qlora_config()))
     randomise_adapters(model)
+    # the whole model's state dict (4-bit bases included) loads back into itself
+    state = model.state_dict()
+    model.load_state_dict(state)
+    assert_state_dicts_equal(model.state_dict(), state)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     original = layer.base_layer.dequantize()
     expected = original + layer.get_delta_weight("default")
@@ -536,3 +541,35 @@ def _cuda_logits(model: nn.Module) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(input_ids=IDS.cuda()).logits.cpu()
+
+
+def test_qlora_train_benchmark_family_runs_and_checks_every_contestant():
+    from lora_ext import benchmark as harness
+    family = harness.get_family("qlora_train")
+    cases = family.cases("quick", features=64, tokens=32)
+    assert all(c.family == "qlora_train" for c in cases)
+    doc = harness.run_benchmark(family, cases, "cpu", repeats=2, warmup=1, progress=False)
+    (res,) = doc["results"]
+    assert set(res["measurements"]) == {"dense", "peft_bnb", "lora_ext"}, res["skipped"]
+    assert all(c["ok"] for c in res["check"].values()), res["check"]
+    info = res["info"]
+    assert info["lora_ext"]["trainable_parameters"] == info["peft_bnb"]["trainable_parameters"] > 0
+    # under a byte per weight even at this size, where the per-layer codebooks weigh most
+    assert info["lora_ext"]["nf4_bytes"] < info["lora_ext"]["nf4_params"]
+
+
+def test_activation_checkpointing_regenerates_the_same_dropout_masks():
+    model = get_peft_model(quantized_llama(), LoraConfig(**qlora_config(lora_dropout=0.3)))
+    randomise_adapters(model)
+    twin = copy.deepcopy(model)
+    twin.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 128, (2, 8))
+    grads = []
+    for m in (model, twin):
+        m.train()
+        torch.manual_seed(21)
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)

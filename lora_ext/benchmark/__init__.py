@@ -10,3 +10,4 @@ from . import llama_train  # noqa: F401,E402  (registers the "llama_train" famil
 from . import dora  # noqa: F401,E402  (registers the "dora" family)
 from . import nf4  # noqa: F401,E402  (registers the "nf4" family)
 from . import bgmv  # noqa: F401,E402  (registers the "bgmv" family)
+from . import qlora  # noqa: F401,E402  (registers the "qlora_train" family)

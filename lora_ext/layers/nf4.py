@@ -124,7 +124,7 @@ class Linear4bit(Linear):
         if self.use_dora.get(adapter, False):
             norm = self._dora_merge_norms.pop(adapter)
             factor = self.lora_magnitude_vector[adapter].weight / norm
-            return weight / factor.view(-1, 1) - delta
+            return (weight / factor.view(-1, 1) - delta).to(weight.dtype)  # PEFT's DoRA keeps the dtype
         return weight - delta
 
     @torch.no_grad()
@@ -137,7 +137,8 @@ class Linear4bit(Linear):
         norm = torch.linalg.norm(base + delta, dim=1).to((base + delta).dtype)
         self._dora_merge_norms[adapter] = norm
         factor = self.lora_magnitude_vector[adapter].weight / norm
-        return factor.view(-1, 1) * (weight + delta)
+        # PEFT casts a DoRA merge back to the dequantised dtype (a plain LoRA merge it does not)
+        return (factor.view(-1, 1) * (weight + delta)).to(weight.dtype)
 
     def _take_out(self, name: str, weight: Tensor) -> Tensor:
         delta = self.get_delta_weight(name)
@@ -156,7 +157,7 @@ class Linear4bit(Linear):
             if safe_merge and not torch.isfinite(merged).all():
                 self._dora_merge_norms.pop(name, None)
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            self.base_layer.set_quantized_weight(merged)
+            self._requantize(merged)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -168,7 +169,14 @@ class Linear4bit(Linear):
             if name not in self.lora_A:
                 continue
             warnings.warn(_UNMERGE_WARNING, stacklevel=2)
-            self.base_layer.set_quantized_weight(self.unmerged_weight(name))
+            self._requantize(self.unmerged_weight(name))
+
+    def _requantize(self, weight: Tensor) -> None:
+        # As PEFT with bitsandbytes: the merged weight is quantised in the dtype the merge
+        # produced (LoRA: fp32 with fp32 adapters; DoRA: the base dtype) and the quant state
+        # records that dtype.
+        self.base_layer.set_quantized_weight(weight)
+        self.base_layer.weight_dtype = weight.dtype
 
     # ---------------------------------------------------------------- forward
 
