@@ -12,9 +12,12 @@ def test_presets_match_the_spec():
     family = harness.get_family("bgmv")
     quick = family.cases("quick")
     assert {c.in_features for c in quick} == {512}
-    assert {dict(c.extra)["rows"] for c in quick} == {16, 64}
+    assert {dict(c.extra)["rows"] for c in quick} == {64}
     assert {dict(c.extra)["adapters"] for c in quick} == {1, 16, 64}
-    assert {dict(c.extra)["seq"] for c in quick} == {1, 16}
+    assert {dict(c.extra)["seq"] for c in quick} == {1}
+    full = family.cases("full")
+    assert {dict(c.extra)["rows"] for c in full} == {16, 32, 64}
+    assert {dict(c.extra)["seq"] for c in full} == {1, 32, 128}
     assert all(c.r == 16 and dict(c.extra)["layers"] == 4 for c in quick)
     assert len({c.id for c in quick}) == len(quick)
 
