@@ -124,9 +124,10 @@ def extension(with_cuda: bool):
     # CUDA kernels in csrc/cuda/: new families join the build by adding files.
     sources = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("csrc/*.cpp"), *ROOT.glob("csrc/cpu/*.cpp")])
     # No contraction of a*b+c into FMA: the NF4 kernels must round as bitsandbytes does.
+    # -g0: Python's CFLAGS carry -g, which makes the .so 5x larger and the compile slower.
     # -fopenmp: at::parallel_for is an inline OpenMP loop in ATen's headers; without the flag
     # it runs on one thread. The .so then needs libgomp.so.1, which torch itself loads.
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-ffp-contract=off", "-fopenmp"]
+    cxx_flags = ["-O3", "-g0", "-fvisibility=hidden", "-ffp-contract=off", "-fopenmp"]
     link_flags = ["-fopenmp"]
     macros = [("Py_LIMITED_API", "0x03090000")]
     if not with_cuda:
