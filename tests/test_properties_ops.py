@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lora_ext import ops, reference
-from lora_ext.reference._nf4 import NF4_CODE
+from lora_ext.reference._nf4 import ABSMAX_BLOCKSIZES, NF4_BLOCKSIZES as NF4_BLOCKSIZE_LIST, NF4_CODE
 from lora_testing import assert_within_torch_error, relayout
 from test_dora_ops import DoraInputs, assert_dora_matches_reference, assert_norm_ok
 
@@ -23,7 +23,7 @@ DTYPES = st.sampled_from(FLOATS)
 NF4_DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 LAYOUTS = st.sampled_from([None, "transposed", "strided"])
 SEEDS = st.integers(min_value=0, max_value=2**31 - 1)
-NF4_BLOCKSIZES = st.sampled_from(ops.NF4_BLOCKSIZES)
+NF4_BLOCKSIZES = st.sampled_from(NF4_BLOCKSIZE_LIST)
 # Largest distance from a value in [-1, 1] to its NF4 code: half the widest gap.
 NF4_HALF_GAP = float((NF4_CODE[1:] - NF4_CODE[:-1]).max()) / 2
 
@@ -129,7 +129,7 @@ def test_nf4_matmul_matches_its_reference(rows, lead, in_f, out_f, dtype, blocks
 
 
 @SETTINGS
-@given(n=st.integers(1, 1500), blocksize=st.sampled_from(ops.ABSMAX_BLOCKSIZES), seed=SEEDS,
+@given(n=st.integers(1, 1500), blocksize=st.sampled_from(ABSMAX_BLOCKSIZES), seed=SEEDS,
        log_scale=st.integers(-4, 2), constant=st.booleans())
 def test_absmax_double_quantisation_matches_its_reference_bit_for_bit(n, blocksize, seed, log_scale, constant):
     absmax = _randn((n,), torch.float32, seed).abs() * 10.0 ** log_scale
