@@ -177,6 +177,19 @@ def test_nf4_other_bad_arguments_are_named(nf4_weight):
     _raises(ValueError, r"blocksize must be one of \(64", ops.dequantize_absmax, codes, absmax2, offset, 32)
 
 
+def test_nf4_non_finite_weights_stay_visible():
+    # NaN/Inf in a weight are not refused (bitsandbytes quantises them too, to the same
+    # bytes) but never hidden: the block's absmax holds them and the block dequantises to NaN.
+    x = torch.randn(3, 64)
+    x[0, 5], x[1, 9] = NAN, INF
+    packed, absmax = ops.nf4_quantize(x, 64)
+    ref_packed, ref_absmax = reference.nf4_quantize(x, 64)
+    assert torch.equal(packed, ref_packed) and torch.equal(absmax.isnan(), ref_absmax.isnan())
+    assert absmax[0].isnan() and absmax[1].isinf() and absmax[2].isfinite()
+    deq = ops.nf4_dequantize(packed, absmax, (3, 64), 64)
+    assert not deq[:2].isfinite().any() and deq[2].isfinite().all()
+
+
 def test_nf4_empty_tensors_give_empty_results():
     packed, absmax = ops.nf4_quantize(torch.empty(0, 7), 64)
     assert packed.shape == (0, 1) and absmax.shape == (0,)
