@@ -234,30 +234,46 @@ def test_bgmv_non_finite_scale_is_named_on_cpu(bad):
             seg_starts, seg_adapter, scale)
 
 
+def _i2():
+    return torch.zeros(2, dtype=torch.long)
+
+
+def _x2():
+    return torch.randn(2, 10)
+
+
+def _y2():
+    return torch.randn(2, 12)
+
+
+def _z2():
+    return torch.randn(2, 4)
+
+
 BGMV_BAD = {
-    "A_on_meta": (lambda A, B, s: ops.lora_shrink(torch.randn(2, 10), A.to("meta"), torch.zeros(2, dtype=torch.long)),
+    "A_on_meta": (lambda A, B, s: ops.lora_shrink(_x2(), A.to("meta"), _i2()),
                   ValueError, "lora_A is on meta but x is on cpu"),
-    "idx_on_meta": (lambda A, B, s: ops.lora_shrink(torch.randn(2, 10), A, torch.zeros(2, dtype=torch.long, device="meta")),
+    "idx_on_meta": (lambda A, B, s: ops.lora_shrink(_x2(), A, torch.zeros(2, dtype=torch.long, device="meta")),
                     ValueError, "idx is on meta but the data is on cpu"),
-    "idx_int16": (lambda A, B, s: ops.lora_shrink(torch.randn(2, 10), A, torch.zeros(2, dtype=torch.int16)),
+    "idx_int16": (lambda A, B, s: ops.lora_shrink(_x2(), A, torch.zeros(2, dtype=torch.int16)),
                   TypeError, "idx must be int64 or int32, got torch.int16"),
-    "idx_2d": (lambda A, B, s: ops.lora_shrink(torch.randn(2, 10), A, torch.zeros(2, 1, dtype=torch.long)),
+    "idx_2d": (lambda A, B, s: ops.lora_shrink(_x2(), A, torch.zeros(2, 1, dtype=torch.long)),
                ValueError, r"idx must have shape \[2\]"),
-    "idx_huge": (lambda A, B, s: ops.lora_shrink(torch.randn(2, 10), A, torch.tensor([0, 2**40])),
+    "idx_huge": (lambda A, B, s: ops.lora_shrink(_x2(), A, torch.tensor([0, 2**40])),
                  RuntimeError, r"idx\[1\] = 1099511627776 is out of range"),
-    "idx_int32_negative": (lambda A, B, s: ops.lora_shrink(torch.randn(2, 10), A, torch.tensor([-5, 0], dtype=torch.int32)),
+    "idx_int32_negative": (lambda A, B, s: ops.lora_shrink(_x2(), A, torch.tensor([-5, 0], dtype=torch.int32)),
                            RuntimeError, r"idx\[0\] = -5 is out of range"),
-    "empty_pool_slot_0": (lambda A, B, s: ops.lora_shrink(torch.randn(2, 10), A[:0], torch.tensor([-1, 0])),
+    "empty_pool_slot_0": (lambda A, B, s: ops.lora_shrink(_x2(), A[:0], torch.tensor([-1, 0])),
                           RuntimeError, r"idx\[1\] = 0 is out of range.*\[0, 0\)"),
-    "z_dtype": (lambda A, B, s: ops.lora_expand(torch.randn(2, 12), torch.randn(2, 4).double(), B, torch.zeros(2, dtype=torch.long), s),
+    "z_dtype": (lambda A, B, s: ops.lora_expand(_y2(), _z2().double(), B, _i2(), s),
                 TypeError, "z has dtype torch.float64 but y has torch.float32"),
-    "B_on_meta": (lambda A, B, s: ops.lora_expand(torch.randn(2, 12), torch.randn(2, 4), B.to("meta"), torch.zeros(2, dtype=torch.long), s),
+    "B_on_meta": (lambda A, B, s: ops.lora_expand(_y2(), _z2(), B.to("meta"), _i2(), s),
                   ValueError, "lora_B is on meta but y is on cpu"),
-    "scale_on_meta": (lambda A, B, s: ops.lora_expand(torch.randn(2, 12), torch.randn(2, 4), B, torch.zeros(2, dtype=torch.long), s.to("meta")),
+    "scale_on_meta": (lambda A, B, s: ops.lora_expand(_y2(), _z2(), B, _i2(), s.to("meta")),
                       ValueError, "scale is on meta but y is on cpu"),
-    "scale_too_short": (lambda A, B, s: ops.lora_expand(torch.randn(2, 12), torch.randn(2, 4), B, torch.zeros(2, dtype=torch.long), s[:2]),
+    "scale_too_short": (lambda A, B, s: ops.lora_expand(_y2(), _z2(), B, _i2(), s[:2]),
                         ValueError, r"scale must be float32 of shape \[3\]"),
-    "rank_too_large": (lambda A, B, s: ops.lora_shrink(torch.randn(2, 1), torch.zeros(1, 4097, 1), torch.zeros(2, dtype=torch.long)),
+    "rank_too_large": (lambda A, B, s: ops.lora_shrink(torch.randn(2, 1), torch.zeros(1, 4097, 1), _i2()),
                        RuntimeError, "rank 4097 exceeds 4096"),
     "seg_adapter_float": (lambda A, B, s: ops.lora_shrink_sgmv(torch.randn(4, 10), A, torch.tensor([0, 4]), torch.tensor([0.0])),
                           TypeError, "seg_adapter must be int64 or int32"),
