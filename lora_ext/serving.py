@@ -85,7 +85,11 @@ class AdapterPool:
         if r < 0 or tuple(lora_B.shape) != (self.out_features, r) or lora_A.shape[1] != self.in_features:
             raise ValueError(f"adapter {name!r}: expected lora_A [r, {self.in_features}] and lora_B "
                              f"[{self.out_features}, r], got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        try:
+            finite = not isinstance(scale, (bool, str)) and math.isfinite(float(scale))
+        except (TypeError, ValueError, RuntimeError):
+            finite = False
+        if not finite:
             raise ValueError(f"adapter {name!r}: scale must be a finite float, got {scale!r}")
         slot = self.slots.get(name)
         if slot is None:

@@ -331,7 +331,7 @@ def test_adapter_pool_rejects_bad_adapters():
             torch.randn(12, 1), 1.0)
     _raises(ValueError, r"adapter 'a': expected lora_A \[r, 10\]", pool.load, "a", torch.randn(1, 2, 10),
             torch.randn(12, 1), 1.0)
-    for bad in (NAN, INF, "2.0"):
+    for bad in (NAN, INF, "2.0", None, torch.tensor([1.0, 2.0]), torch.tensor(NAN)):
         _raises(ValueError, "adapter 'a': scale must be a finite float", pool.load, "a", torch.randn(2, 10),
                 torch.randn(12, 2), bad)
     assert pool.slots == {} and pool.capacity == 0  # nothing half-loaded
