@@ -199,6 +199,9 @@ class NF4Linear(nn.Module):
                                   self.blocksize, dtype or self.weight_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"NF4Linear: x must have shape [..., {self.in_features}], got "
+                             f"{tuple(getattr(x, 'shape', ())) or type(x).__name__}")
         input_dtype = x.dtype
         compute_dtype = self.compute_dtype or input_dtype
         if x.dtype != compute_dtype:

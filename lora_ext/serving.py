@@ -14,6 +14,8 @@ forward or once per generate call.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import ops
@@ -77,10 +79,18 @@ class AdapterPool:
 
     def load(self, name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> int:
         """Write one adapter (A [r, in], B [out, r]) into its slot (a new one if needed)."""
-        r = lora_A.shape[0]
-        if tuple(lora_A.shape) != (r, self.in_features) or tuple(lora_B.shape) != (self.out_features, r):
+        r = lora_A.shape[0] if lora_A.dim() == 2 else -1
+        if r == 0:
+            raise ValueError(f"adapter {name!r}: rank must be >= 1, got lora_A {tuple(lora_A.shape)}")
+        if r < 0 or tuple(lora_B.shape) != (self.out_features, r) or lora_A.shape[1] != self.in_features:
             raise ValueError(f"adapter {name!r}: expected lora_A [r, {self.in_features}] and lora_B "
                              f"[{self.out_features}, r], got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+        try:
+            finite = not isinstance(scale, (bool, str)) and math.isfinite(float(scale))
+        except (TypeError, ValueError, RuntimeError):
+            finite = False
+        if not finite:
+            raise ValueError(f"adapter {name!r}: scale must be a finite float, got {scale!r}")
         slot = self.slots.get(name)
         if slot is None:
             slot = self._free.pop() if self._free else len(self.slots)

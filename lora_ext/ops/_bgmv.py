@@ -80,6 +80,14 @@ def _check_expand(op: str, y, z, lora_B, scale) -> None:
                          f"slot), got {scale.dtype} {tuple(scale.shape)}")
     if scale.device != y.device:
         raise ValueError(f"{op}: scale is on {scale.device} but y is on {y.device}")
+    # A NaN/Inf scale would silently poison every row of its slot. Checked on the CPU only
+    # (on CUDA it would cost a host sync per call); AdapterPool.load checks on every device.
+    if scale.is_cpu and not torch.compiler.is_compiling():
+        finite = torch.isfinite(scale)
+        if not bool(finite.all()):
+            slot = int((~finite).nonzero()[0, 0])
+            raise ValueError(f"{op}: scale[{slot}] = {float(scale[slot])} is not finite; every adapter "
+                             "slot's scale must be a finite float")
 
 
 def _check_segments(op: str, seg_starts, seg_adapter, like: Tensor) -> None:
@@ -98,7 +106,10 @@ def lora_shrink(x: Tensor, lora_A: Tensor, idx: Tensor) -> Tensor:
         z[t] = x[t] @ lora_A[idx[t]].T   if idx[t] >= 0 else 0
 
     Shapes: x [T, in], lora_A [N, r, in], idx [T] (int64 or int32) -> z [T, r] (x's dtype,
-    accumulated in fp32, fp64 for fp64).
+    accumulated in fp32, fp64 for fp64). r = 0 (an empty pool) gives z [T, 0].
+    Indices outside [-1, N): a RuntimeError naming the row on the CPU; on CUDA (no host sync
+    to raise with) the kernel clamps through core::bgmv_slot, so the row reads as -1 (z[t] = 0)
+    and no load leaves lora_A.
     """
     _check_shrink("lora_shrink", x, lora_A)
     _check_index("lora_shrink", "idx", idx, x, x.shape[0])
@@ -112,7 +123,9 @@ def lora_expand(y: Tensor, z: Tensor, lora_B: Tensor, idx: Tensor, scale: Tensor
 
         out[t] = y[t] + scale[idx[t]] * z[t] @ lora_B[idx[t]].T   if idx[t] >= 0 else y[t]
 
-    Shapes: y [T, out], z [T, r], lora_B [N, out, r], idx [T], scale [N] float32.
+    Shapes: y [T, out], z [T, r], lora_B [N, out, r], idx [T], scale [N] float32 and finite
+    (checked on the CPU). Indices outside [-1, N): a RuntimeError on the CPU; on CUDA the row
+    reads as -1 (y[t] is copied unchanged) and neither lora_B nor scale is read out of bounds.
     """
     _check_expand("lora_expand", y, z, lora_B, scale)
     _check_index("lora_expand", "idx", idx, y, y.shape[0])
@@ -132,6 +145,10 @@ def lora_shrink_sgmv(x: Tensor, lora_A: Tensor, seg_starts: Tensor, seg_adapter:
 
     seg_starts [S+1] is nondecreasing within [0, T]; empty segments are allowed (so a
     fixed S, e.g. S = T from segments_from_idx, needs no host synchronisation).
+    A malformed table (starts out of [0, T] or decreasing, adapters outside [-1, N)) raises on
+    the CPU; on CUDA each row's binary search only reads seg_starts[0..S] and seg_adapter[0..S-1],
+    and its slot is clamped as in lora_shrink, so the result is some valid assignment of
+    adapters (or none) to rows, never an out-of-bounds access.
     """
     _check_shrink("lora_shrink_sgmv", x, lora_A)
     _check_segments("lora_shrink_sgmv", seg_starts, seg_adapter, x)

@@ -109,6 +109,9 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     _check_tensors("dora_linear", named, "x")
     _check_factors("dora_linear", weight, lora_A, lora_B, scaling)
     out_features, in_features = weight.shape
+    if in_features == 0:
+        raise ValueError(f"dora_linear: weight {tuple(weight.shape)} has no input features; DoRA needs "
+                         "in_features >= 1 (with none, every weight norm is 0 and g = magnitude / 0)")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"dora_linear: x must have shape [..., {in_features}] to match weight "
                          f"{tuple(weight.shape)}, got {tuple(x.shape)}")

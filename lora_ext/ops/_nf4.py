@@ -174,6 +174,9 @@ def _check_matmul(op, x, packed, absmax, out_features, blocksize, bias) -> None:
         raise ValueError(f"{op}: out_features must be a positive int, got {out_features!r}")
     _check_blocksize(op, blocksize)
     in_features = x.shape[-1]
+    if in_features == 0:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}, with no input features; the 4-bit "
+                         "weight needs in_features >= 1")
     _check_packed(op, packed, absmax, out_features * in_features, blocksize,
                   f"a weight [{out_features}, {in_features}] (out_features, x.shape[-1])")
     if bias is not None:

@@ -2,10 +2,20 @@
 import torch
 
 
+def _with_zero_slot(pool: torch.Tensor) -> torch.Tensor:
+    """The pool plus one zero slot at index N, which rows with idx -1 read (so an empty
+    pool, N = 0, needs no special case)."""
+    return torch.cat([pool, pool.new_zeros((1, *pool.shape[1:]))])
+
+
+def _slots(idx: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.where(idx >= 0, idx, n)
+
+
 def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """z[t] = x[t] @ lora_A[idx[t]].T, or 0 where idx[t] == -1."""
     has_adapter = idx >= 0
-    A_rows = lora_A[idx.clamp(min=0)]                       # [T, r, in]
+    A_rows = _with_zero_slot(lora_A)[_slots(idx, lora_A.shape[0])]   # [T, r, in]
     z = torch.bmm(A_rows, x.unsqueeze(-1)).squeeze(-1)      # [T, r]
     return torch.where(has_adapter.unsqueeze(-1), z, torch.zeros_like(z))
 
@@ -14,10 +24,10 @@ def lora_expand(y: torch.Tensor, z: torch.Tensor, lora_B: torch.Tensor, idx: tor
                 scale: torch.Tensor) -> torch.Tensor:
     """out[t] = y[t] + scale[idx[t]] * z[t] @ lora_B[idx[t]].T, or y[t] where idx[t] == -1."""
     has_adapter = idx >= 0
-    slot = idx.clamp(min=0)
-    B_rows = lora_B[slot]                                   # [T, out, r]
+    slot = _slots(idx, lora_B.shape[0])
+    B_rows = _with_zero_slot(lora_B)[slot]                  # [T, out, r]
     delta = torch.bmm(B_rows, z.unsqueeze(-1)).squeeze(-1)  # [T, out]
-    delta = delta * scale[slot].to(delta.dtype).unsqueeze(-1)
+    delta = delta * _with_zero_slot(scale)[slot].to(delta.dtype).unsqueeze(-1)
     return torch.where(has_adapter.unsqueeze(-1), y + delta, y)
 
 
