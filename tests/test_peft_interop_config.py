@@ -259,7 +259,8 @@ def test_task_model_forward_signatures_are_peft_s(task):
     import inspect
     name = {"CAUSAL_LM": "PeftModelForCausalLM", "SEQ_CLS": "PeftModelForSequenceClassification",
             "TOKEN_CLS": "PeftModelForTokenClassification", "SEQ_2_SEQ_LM": "PeftModelForSeq2SeqLM",
-            "FEATURE_EXTRACTION": "PeftModelForFeatureExtraction", "QUESTION_ANS": "PeftModelForQuestionAnswering"}[task]
+            "FEATURE_EXTRACTION": "PeftModelForFeatureExtraction",
+            "QUESTION_ANS": "PeftModelForQuestionAnswering"}[task]
     assert inspect.signature(getattr(lora_ext, name).forward) == inspect.signature(getattr(peft, name).forward)
 
 
