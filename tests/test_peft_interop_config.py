@@ -259,7 +259,8 @@ def test_task_model_forward_signatures_are_peft_s(task):
     import inspect
     name = {"CAUSAL_LM": "PeftModelForCausalLM", "SEQ_CLS": "PeftModelForSequenceClassification",
             "TOKEN_CLS": "PeftModelForTokenClassification", "SEQ_2_SEQ_LM": "PeftModelForSeq2SeqLM",
-            "FEATURE_EXTRACTION": "PeftModelForFeatureExtraction", "QUESTION_ANS": "PeftModelForQuestionAnswering"}[task]
+            "FEATURE_EXTRACTION": "PeftModelForFeatureExtraction",
+            "QUESTION_ANS": "PeftModelForQuestionAnswering"}[task]
     assert inspect.signature(getattr(lora_ext, name).forward) == inspect.signature(getattr(peft, name).forward)
 
 
@@ -328,3 +329,11 @@ def test_resized_vocabulary_saves_both_embeddings_as_peft(tmp_path):
     check_both_ways("llama", tmp_path, base=base, target_modules=["q_proj"], grads=False)
     saved = set(load_file(tmp_path / "from_ours" / "ours" / "adapter_model.safetensors"))
     assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= saved
+
+
+@pytest.mark.skipif(not hasattr(lora_ext.ops, "dora_weight_norm"), reason="the DoRA ops are not built in this tree")
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_dora_adapters_cross_over(kind, tmp_path):
+    """lora_magnitude_vector keys and values, DoRA outputs and gradients, both ways."""
+    ours, theirs = check_both_ways(kind, tmp_path, use_dora=True)
+    assert any("lora_magnitude_vector" in k for k in ours.state_dict())
