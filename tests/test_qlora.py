@@ -250,6 +250,36 @@ def test_dora_magnitude_initialises_like_peft_on_bitsandbytes():
         torch.testing.assert_close(ours_state[key], theirs_state[key], rtol=1e-6, atol=1e-7)
 
 
+def test_cached_dora_norm_on_nf4_follows_adapter_changes_in_inference():
+    """In eval + no_grad the norm is cached; editing the adapter or its scale must not leave it stale."""
+    model = get_peft_model(quantized_llama(), LoraConfig(**qlora_config(use_dora=True)))
+    randomise_adapters(model)
+    model.eval()  # once: train()/eval() drop the cache, so the forwards below must not call it
+
+    def forward():
+        with torch.no_grad():
+            return model(input_ids=IDS).logits
+
+    first = forward()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    magnitude = layer.lora_magnitude_vector["default"]
+    assert magnitude._norm_cache is not None, "eval + no_grad must cache the norm"
+    cached = magnitude._norm_cache[1]
+    torch.testing.assert_close(forward(), first, rtol=0, atol=0)
+    assert magnitude._norm_cache[1] is cached, "the cached norm must be reused"
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(5.0)
+    layer.set_scale("default", 3.0)
+    edited = forward()
+    for module in model.modules():  # the same model with every cache dropped
+        if hasattr(module, "_norm_cache"):
+            module._norm_cache = None
+    torch.testing.assert_close(edited, forward(), rtol=0, atol=0)
+    assert not torch.allclose(edited, first)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_merge_and_unload_requantises_as_peft_does(use_dora, dtype):

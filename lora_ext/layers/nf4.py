@@ -226,8 +226,11 @@ class Linear4bit(Linear):
         lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         scaling = self.scaling[adapter]
         magnitude = self.lora_magnitude_vector[adapter]
+        # the cache key: anything whose change changes the norm (in-place edits bump _version)
+        key = (scaling, x.dtype) + tuple((t.data_ptr(), t._version, tuple(t.shape), t.device)
+                                         for t in (self.base_layer.weight, self.base_layer.absmax, lora_A, lora_B))
         norm = magnitude.cached_norm(lambda: _weight_norm(self.base_layer.dequantize(x.dtype),
-                                                          lora_A.to(x.dtype), lora_B.to(x.dtype), scaling))
+                                                          lora_A.to(x.dtype), lora_B.to(x.dtype), scaling), key)
         scale = (magnitude.weight / norm).view(1, -1)
         p, seed = self._dropout_args(adapter)
         if p == 0.0:
@@ -261,20 +264,21 @@ class DoraMagnitude4bit(nn.Module):
         weight = layer.base_layer.dequantize()
         norm = _weight_norm(weight, lora_A.to(weight.dtype), lora_B.to(weight.dtype), layer.scaling[adapter_name])
         self.weight = nn.Parameter(norm, requires_grad=True)
-        self._norm_cache: Tensor | None = None
+        self._norm_cache: tuple[tuple, Tensor] | None = None
 
     def train(self, mode: bool = True):
         self._norm_cache = None
         return super().train(mode)
 
-    def cached_norm(self, compute) -> Tensor:
-        """Recomputed while training or with grad on (the adapter changes); cached in inference."""
-        if self.training or torch.is_grad_enabled():
+    def cached_norm(self, compute, key: tuple) -> Tensor:
+        """Recomputed while training or with grad on (the adapter changes); in inference cached
+        until `key` (scaling, dtype, identity and version of the weights) changes."""
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._norm_cache = None
             return compute()
-        if self._norm_cache is None:
-            self._norm_cache = compute()
-        return self._norm_cache
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            self._norm_cache = (key, compute())
+        return self._norm_cache[1]
 
     def __repr__(self) -> str:
         return "lora_ext.dora." + super().__repr__()
