@@ -253,8 +253,6 @@ def test_peft_errors(pair, tmp_path):
 
 def test_dora_adapter_refused():
     base = tiny_model("llama")
-    if not hasattr(lora_ext.ops, "dora_weight_norm"):  # the DoRA kernels come from another branch
-        pytest.skip("this checkout has no DoRA ops yet")
     model = lora_ext.get_peft_model(base, lora_ext.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     model.add_adapter("plain", lora_ext.LoraConfig(r=4, target_modules=["q_proj"]))
     model.eval()

@@ -331,7 +331,6 @@ def test_resized_vocabulary_saves_both_embeddings_as_peft(tmp_path):
     assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= saved
 
 
-@pytest.mark.skipif(not hasattr(lora_ext.ops, "dora_weight_norm"), reason="the DoRA ops are not built in this tree")
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_dora_adapters_cross_over(kind, tmp_path):
     """lora_magnitude_vector keys and values, DoRA outputs and gradients, both ways."""
