@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -168,6 +169,7 @@ class LoraConfig:
             if not isinstance(self.loftq_config, dict):
                 self.loftq_config = dict(vars(self.loftq_config))
         elif self.loftq_config:
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
             self.loftq_config = {}
 
     @staticmethod

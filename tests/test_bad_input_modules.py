@@ -71,3 +71,23 @@ def test_input_dtype_differing_from_the_weights_is_named_as_in_peft():
     model = lora_ext.get_peft_model(layer, LoraConfig(r=2, target_modules=["0"]))
     with pytest.raises(RuntimeError, match="BFloat16 and Float"):
         model(torch.randn(3, 16, dtype=torch.bfloat16))
+
+
+def test_loftq_config_without_loftq_init_is_ignored_with_peft_warning():
+    with pytest.warns(UserWarning, match="`loftq_config` specified but will be ignored"):
+        config = LoraConfig(loftq_config={"loftq_bits": 4})
+    assert config.loftq_config == {}
+
+
+def test_loftq_on_an_already_wrapped_embedding_is_refused_by_name():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.lin = nn.Linear(8, 8)
+
+    model = lora_ext.get_peft_model(Net(), LoraConfig(r=2, target_modules=["emb", "lin"]))
+    loftq = LoraConfig(r=2, target_modules=["emb"], init_lora_weights="loftq",
+                       loftq_config={"loftq_bits": 4, "loftq_iter": 1})
+    with pytest.raises(ValueError, match="'loftq' is supported for linear layers only"):
+        model.add_adapter("lq", loftq)

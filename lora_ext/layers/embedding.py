@@ -28,7 +28,8 @@ class Embedding(nn.Module, LoraLayer):
         self.set_adapter(adapter_name)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
-                     init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False) -> None:
+                     init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False,
+                     loftq_config=None) -> None:  # loftq_config: refused by the init for this layer kind
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
