@@ -40,6 +40,21 @@ def _adapter_tensors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor] | No
     return None
 
 
+def _fingerprint(layer) -> tuple:
+    """What a pool must follow of a layer's adapters, in a form that compares in C: names,
+    tensor ids, storage pointers, in-place versions and scales; and the tensors themselves
+    (to be kept alive with the key, so that no new tensor can take an old one's id)."""
+    modules_A, modules_B = layer._modules["lora_A"]._modules, layer._modules["lora_B"]._modules
+    tensors = [m._parameters["weight"] for m in modules_A.values()]
+    tensors += [m._parameters["weight"] for m in modules_B.values()]
+    embedding_A = layer._modules["lora_embedding_A"]._parameters
+    tensors += embedding_A.values()
+    tensors += layer._modules["lora_embedding_B"]._parameters.values()
+    key = (tuple(modules_A), tuple(embedding_A), tuple(map(id, tensors)), tuple([t._version for t in tensors]),
+           tuple([t.data_ptr() for t in tensors]), tuple(layer.scaling.items()))
+    return key, tensors
+
+
 class AdapterPool:
     """The adapters of one layer, stacked for BGMV/SGMV."""
 
@@ -53,6 +68,9 @@ class AdapterPool:
         self.slots: dict[str, int] = {}
         self._free: list[int] = []
         self._keys: dict[str, tuple] = {}
+        self._fingerprint: tuple | None = None
+        self._fingerprint_tensors: list[torch.Tensor] = []
+        self._synced_names: set[str] = set()
         self._index_cache: dict[tuple, tuple[torch.Tensor, bool]] = {}
         self._segment_cache: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -122,6 +140,19 @@ class AdapterPool:
 
     def sync(self, layer, names) -> None:
         """Bring the named adapters (and deletions) in line with the layer's parameters."""
+        # Fast path: nothing about the layer's adapters changed since the last sync (same
+        # names, tensor objects, storage, in-place versions and scales) and these names were
+        # synced then.
+        fingerprint, tensors = _fingerprint(layer)
+        if fingerprint == self._fingerprint and self._synced_names.issuperset(names):
+            return
+        self._sync_each(layer, names)
+        if fingerprint != self._fingerprint:
+            self._synced_names = set()
+        self._fingerprint, self._fingerprint_tensors = fingerprint, tensors
+        self._synced_names.update(names)
+
+    def _sync_each(self, layer, names) -> None:
         stale = self.slots.keys() - layer.lora_A._modules.keys() - set(layer.lora_embedding_A.keys())
         for name in stale:
             self.remove(name)

@@ -228,6 +228,11 @@ def test_pool_follows_loads_edits_and_deletions(tmp_path):
         names[1] = "b"
         torch.testing.assert_close(ours(ids, adapter_names=names).logits, expected(), rtol=1e-5, atol=1e-5)
         assert pool.slots["b"] == 1  # the freed slot is reused
+        # a parameter replaced by a new object, and new storage assigned through .data
+        q_proj.lora_A["a0"].weight = torch.nn.Parameter(q_proj.lora_A["a0"].weight * -2.0)
+        ours.base_model.model.model.layers[1].mlp.down_proj.lora_B["b"].weight.data = (
+            torch.randn_like(ours.base_model.model.model.layers[1].mlp.down_proj.lora_B["b"].weight))
+        torch.testing.assert_close(ours(ids, adapter_names=names).logits, expected(), rtol=1e-5, atol=1e-5)
 
 
 def test_peft_errors(pair, tmp_path):
