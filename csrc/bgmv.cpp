@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "aten_glue.h"
 #include "cpu/bgmv.h"
 
 #ifdef LORA_EXT_WITH_CUDA
@@ -115,18 +116,6 @@ void check_expand(const char* op, const Tensor& y, const Tensor& z, const Tensor
   TORCH_CHECK(scale.device() == y.device(), op, ": scale is on ", scale.device(), " but y is on ",
               y.device());
 }
-
-#ifdef LORA_EXT_WITH_CUDA
-cuda::DType cuda_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kDouble: return cuda::DType::kFloat64;
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: TORCH_CHECK(false, "lora_ext: unsupported dtype ", type);
-  }
-}
-#endif
 
 // The shared tail of both variants. Exactly one of slots (BGMV) or (starts, adapters)
 // (SGMV) is defined.

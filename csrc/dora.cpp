@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "aten_glue.h"
 #include "core/dropout.h"
 #include "cpu/dora.h"
 #include "cpu/lora_linear.h"
@@ -21,40 +22,8 @@ namespace {
 
 using at::Tensor;
 
-#ifdef LORA_EXT_WITH_CUDA
-cuda::DType cuda_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kDouble: return cuda::DType::kFloat64;
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: TORCH_CHECK(false, "lora_ext: unsupported dtype ", type);
-  }
-}
-#endif
-
 at::ScalarType acc_type(at::ScalarType type) {
   return type == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// dropped = mask * scale * x and/or grad *= mask * scale, one Philox pass (the same mask as
-// lora_linear for the same seed and offset).
-void dropout_apply(const Tensor& x, const Tensor& dropped, const Tensor& grad,
-                   const core::DropoutParams& params) {
-  const Tensor& like = x.defined() ? x : grad;
-  if (like.is_cuda()) {
-#ifdef LORA_EXT_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(like.device());
-    auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
-    C10_CUDA_CHECK(cuda::launch_dropout_apply(cuda_dtype(like.scalar_type()), ptr(x), ptr(dropped),
-                                              ptr(grad), like.numel(), params,
-                                              c10::cuda::getCurrentCUDAStream()));
-#else
-    TORCH_CHECK(false, "lora_ext was built without CUDA kernels");
-#endif
-  } else {
-    cpu::dropout_apply(x, dropped, grad, params);
-  }
 }
 
 void check_factors(const char* op, const Tensor& weight, const Tensor& lora_A,

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "aten_glue.h"
 #include "cpu/lora_linear.h"
 
 #ifdef LORA_EXT_WITH_CUDA
@@ -13,31 +14,15 @@
 #endif
 
 namespace lora_ext {
-namespace {
 
-using at::Tensor;
-
-#ifdef LORA_EXT_WITH_CUDA
-cuda::DType cuda_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kDouble: return cuda::DType::kFloat64;
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: TORCH_CHECK(false, "lora_ext: unsupported dtype ", type);
-  }
-}
-#endif
-
-// One Philox pass over contiguous [rows, in] tensors of one dtype (undefined = unused):
-//   dropped = mask * scale * x,   grad *= mask * scale (in place).
-void dropout_apply(const Tensor& x, const Tensor& dropped, const Tensor& grad,
+// Declared in aten_glue.h (DoRA uses it too).
+void dropout_apply(const at::Tensor& x, const at::Tensor& dropped, const at::Tensor& grad,
                    const core::DropoutParams& params) {
-  const Tensor& like = x.defined() ? x : grad;
+  const at::Tensor& like = x.defined() ? x : grad;
   if (like.is_cuda()) {
 #ifdef LORA_EXT_WITH_CUDA
     const c10::cuda::CUDAGuard guard(like.device());
-    auto ptr = [](const Tensor& tensor) { return tensor.defined() ? tensor.data_ptr() : nullptr; };
+    auto ptr = [](const at::Tensor& tensor) { return tensor.defined() ? tensor.data_ptr() : nullptr; };
     C10_CUDA_CHECK(cuda::launch_dropout_apply(cuda_dtype(like.scalar_type()), ptr(x), ptr(dropped),
                                               ptr(grad), like.numel(), params,
                                               c10::cuda::getCurrentCUDAStream()));
@@ -48,6 +33,10 @@ void dropout_apply(const Tensor& x, const Tensor& dropped, const Tensor& grad,
     cpu::dropout_apply(x, dropped, grad, params);
   }
 }
+
+namespace {
+
+using at::Tensor;
 
 void check_inputs(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
                   const Tensor& lora_B, double dropout_p) {

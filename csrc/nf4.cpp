@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "aten_glue.h"
 #include <cstdlib>
 
 #include "core/nf4.h"
@@ -22,14 +23,6 @@ namespace {
 using at::Tensor;
 
 #ifdef LORA_EXT_WITH_CUDA
-cuda::DType cuda_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: TORCH_CHECK(false, "nf4: unsupported dtype ", type);
-  }
-}
 #define LORA_EXT_CUDA_CALL(device, ...)                       \
   do {                                                        \
     const c10::cuda::CUDAGuard guard(device);                 \

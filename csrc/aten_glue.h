@@ -1,0 +1,33 @@
+// Helpers shared by the ATen orchestration files (csrc/<family>.cpp): the CUDA kernels' dtype
+// tag for an ATen dtype, and the Philox dropout pass of the fused LoRA linear (defined in
+// lora_linear.cpp), which DoRA reuses so that both draw the same mask from a seed.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "core/dropout.h"
+
+#ifdef LORA_EXT_WITH_CUDA
+#include "cuda/lora_linear.cuh"  // DType
+#endif
+
+namespace lora_ext {
+
+#ifdef LORA_EXT_WITH_CUDA
+inline cuda::DType cuda_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kDouble: return cuda::DType::kFloat64;
+    case at::kHalf: return cuda::DType::kFloat16;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default: TORCH_CHECK(false, "lora_ext: unsupported dtype ", type);
+  }
+}
+#endif
+
+// One Philox pass over contiguous [rows, in] tensors of one dtype (undefined = unused):
+//   dropped = mask * scale * x,   grad *= mask * scale (in place).
+void dropout_apply(const at::Tensor& x, const at::Tensor& dropped, const at::Tensor& grad,
+                   const core::DropoutParams& params);
+
+}  // namespace lora_ext
