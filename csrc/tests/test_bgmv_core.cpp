@@ -5,20 +5,11 @@
 #include <vector>
 
 #include "core/bgmv.h"
+#include "tests/check.h"
 
 using namespace lora_ext::core;
 
 static int failures = 0;
-
-#define CHECK(cond, ...)                                            \
-  do {                                                              \
-    if (!(cond)) {                                                  \
-      ++failures;                                                   \
-      std::printf("FAIL %s:%d: %s -- ", __FILE__, __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                                     \
-      std::printf("\n");                                            \
-    }                                                               \
-  } while (0)
 
 static uint32_t state = 12345u;
 static double next_value() {  // deterministic values in [-1, 1)

@@ -6,20 +6,11 @@
 
 #include "core/dropout.h"
 #include "core/philox_avx2.h"
+#include "tests/check.h"
 
 using namespace lora_ext::core;
 
 static int failures = 0;
-
-#define CHECK(cond, ...)                                              \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      ++failures;                                                     \
-      std::printf("FAIL %s:%d: %s -- ", __FILE__, __LINE__, #cond);   \
-      std::printf(__VA_ARGS__);                                       \
-      std::printf("\n");                                              \
-    }                                                                 \
-  } while (0)
 
 static void test_philox_known_answers() {
   struct Case {

@@ -7,20 +7,11 @@
 #include <vector>
 
 #include "core/dora.h"
+#include "tests/check.h"
 
 using namespace lora_ext::core;
 
 static int failures = 0;
-
-#define CHECK(cond, ...)                                            \
-  do {                                                              \
-    if (!(cond)) {                                                  \
-      ++failures;                                                   \
-      std::printf("FAIL %s:%d: %s -- ", __FILE__, __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                                     \
-      std::printf("\n");                                            \
-    }                                                               \
-  } while (0)
 
 // A small deterministic generator (no <random> distribution differences across libraries).
 static double next_uniform(uint64_t& state) {

@@ -7,20 +7,11 @@
 #include <vector>
 
 #include "core/nf4.h"
+#include "tests/check.h"
 
 using namespace lora_ext::core;
 
 static int failures = 0;
-
-#define CHECK(cond, ...)                                            \
-  do {                                                              \
-    if (!(cond)) {                                                  \
-      ++failures;                                                   \
-      std::printf("FAIL %s:%d: %s -- ", __FILE__, __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                                     \
-      std::printf("\n");                                            \
-    }                                                               \
-  } while (0)
 
 static const float kCode[kNF4Codes] = {LORA_EXT_NF4_CODE_VALUES};
 
