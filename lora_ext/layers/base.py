@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import init as lora_init
+from . import dora
 
 
 class LoraLayer:
@@ -160,11 +161,15 @@ class LoraLayer:
 
     def merged_weight(self, adapter: str) -> torch.Tensor:
         """The base weight with this adapter merged in (not yet written)."""
+        if self.use_dora.get(adapter, False):
+            return dora.merge_dora(self, adapter)
         weight = self.base_layer.weight
         return weight.data + self.get_delta_weight(adapter).to(weight.dtype)
 
     def unmerged_weight(self, adapter: str) -> torch.Tensor:
         """The base weight with this (merged) adapter taken out again."""
+        if self.use_dora.get(adapter, False):
+            return dora.unmerge_dora(self, adapter)
         weight = self.base_layer.weight
         return weight.data - self.get_delta_weight(adapter).to(weight.dtype)
 

@@ -61,16 +61,6 @@ class Conv2d(nn.Module, LoraLayer):
     def from_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.reshape(self.base_layer.weight.shape)
 
-    def merged_weight(self, adapter: str) -> torch.Tensor:
-        if self.use_dora.get(adapter, False):
-            return dora.merge_dora(self, adapter)
-        return super().merged_weight(adapter)
-
-    def unmerged_weight(self, adapter: str) -> torch.Tensor:
-        if self.use_dora.get(adapter, False):
-            return dora.unmerge_dora(self, adapter)
-        return super().unmerged_weight(adapter)
-
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         if self.base_layer.groups > 1:
             raise NotImplementedError("Merging is not supported for Conv2d layers with groups > 1")

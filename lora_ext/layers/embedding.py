@@ -55,16 +55,6 @@ class Embedding(nn.Module, LoraLayer):
 
     from_out_in = to_out_in
 
-    def merged_weight(self, adapter: str) -> torch.Tensor:
-        if self.use_dora.get(adapter, False):
-            return dora.merge_dora(self, adapter)
-        return super().merged_weight(adapter)
-
-    def unmerged_weight(self, adapter: str) -> torch.Tensor:
-        if self.use_dora.get(adapter, False):
-            return dora.unmerge_dora(self, adapter)
-        return super().unmerged_weight(adapter)
-
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         weight_A, weight_B = self.lora_embedding_A[adapter], self.lora_embedding_B[adapter]
         dtype = weight_A.dtype

@@ -91,16 +91,6 @@ class Linear(nn.Module, LoraLayer):
             delta = delta.T
         return delta.to(dtype)
 
-    def merged_weight(self, adapter: str) -> torch.Tensor:
-        if self.use_dora.get(adapter, False):
-            return dora.merge_dora(self, adapter)
-        return super().merged_weight(adapter)
-
-    def unmerged_weight(self, adapter: str) -> torch.Tensor:
-        if self.use_dora.get(adapter, False):
-            return dora.unmerge_dora(self, adapter)
-        return super().unmerged_weight(adapter)
-
     # ---------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
