@@ -478,6 +478,11 @@ cudaError_t launch(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t, K
 
 }  // namespace cuda_emu
 
+// GCC calls a TU-wide `__tls_init` from the access wrapper of an `extern thread_local`
+// declared in an unnamed namespace (the kernels' `extern __shared__`), and defines it only in
+// TUs that have thread_locals with dynamic initialisation. Shared memory has none.
+extern "C" __attribute__((weak)) void __tls_init() {}
+
 cudaError_t cudaGetLastError() {
   const cudaError_t e = cuda_emu::g_last_error;
   cuda_emu::g_last_error = cudaSuccess;

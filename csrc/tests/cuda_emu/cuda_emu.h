@@ -130,9 +130,7 @@ int lane_id();
 
 // Registration of the dynamic shared memory array (see CUDA_EMU_DYNAMIC_SHARED).
 bool register_dynamic_shared(void* base, size_t capacity);
-struct TlsInitAnchor {
-  TlsInitAnchor() {}
-};
+
 
 using KernelBody = void (*)(void* closure);
 cudaError_t launch(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
@@ -175,12 +173,9 @@ Launcher<Params...> make_launcher(dim3 grid, dim3 block, size_t shared, cudaStre
   ::cuda_emu::make_launcher((grid), (block), (shared), (stream), __VA_ARGS__)
 
 // Defines the array that a kernel's `extern __shared__ T name[]` refers to. Use it once per
-// name, after including the kernel source, in the namespace where the kernel declares it.
-// The anchor, a thread_local with a constructor, makes GCC emit the TLS initialisation
-// routine that the kernels' `extern thread_local` references call.
+// name, in the namespace where the kernel declares it (the kernel's unnamed namespace).
 #define CUDA_EMU_DYNAMIC_SHARED(type, name)                                                   \
   alignas(16) thread_local type name[::cuda_emu::kMaxDynamicShared / sizeof(type)];           \
-  thread_local ::cuda_emu::TlsInitAnchor cuda_emu_anchor_##name;                              \
   [[maybe_unused]] const bool cuda_emu_registered_##name =                                    \
       ::cuda_emu::register_dynamic_shared(name, sizeof(name));
 

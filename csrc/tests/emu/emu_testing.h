@@ -7,11 +7,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <sys/mman.h>
 
 #include "cuda_emu.h"
+#include "cuda/lora_linear.cuh"  // DType
 #include "cuda_fp16.h"
 #include "tests/check.h"
 
@@ -112,11 +114,17 @@ constexpr lora_ext::cuda::DType dtype_of() {
 // The project's tolerance rule, natively: our largest error against an exact reference
 // (long double) is at most twice that of a naive loop in the same precision (what PyTorch's
 // own kernels would do), plus a floor of one rounding of the magnitude of the summed terms.
+// The larger of a running error and a new one; NaN counts as infinitely wrong (std::max
+// would drop it).
+inline double worse(double running, double error) {
+  return std::isnan(error) ? INFINITY : std::max(running, error);
+}
+
 struct ToleranceRule {
   double ours = 0, naive = 0, scale = 0;
   void add(double ours_value, double naive_value, long double exact, long double magnitude = 0) {
-    ours = std::max(ours, static_cast<double>(std::fabs(ours_value - exact)));
-    naive = std::max(naive, static_cast<double>(std::fabs(naive_value - exact)));
+    ours = worse(ours, static_cast<double>(std::fabs(ours_value - exact)));
+    naive = worse(naive, static_cast<double>(std::fabs(naive_value - exact)));
     scale = std::max(scale, static_cast<double>(std::max(std::fabs(exact), magnitude)));
   }
   bool holds(double eps) const { return ours <= 2 * naive + eps * scale + 1e-300; }

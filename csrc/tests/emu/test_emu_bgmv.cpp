@@ -3,8 +3,7 @@
 // out-of-range indices; SGMV with empty segments and rows outside every segment; ranks that
 // do and do not fill a warp group; expand's dynamic shared memory at CUDA's 48 KiB limit;
 // and adapters placed beyond 2^31 elements of the stacked weights.
-#include "cuda/bgmv.cu"
-#include "tests/emu/emu_testing.h"
+#include "cuda_emu.h"
 
 namespace lora_ext {
 namespace cuda {
@@ -13,6 +12,9 @@ CUDA_EMU_DYNAMIC_SHARED(unsigned char, smem_raw)
 }  // namespace
 }  // namespace cuda
 }  // namespace lora_ext
+
+#include "cuda/bgmv.cu"
+#include "tests/emu/emu_testing.h"
 
 using namespace lora_ext;
 using namespace emu_test;
@@ -199,12 +201,12 @@ static void test_offsets_beyond_2_31() {
     for (int64_t j = 0; j < r; ++j) {
       double exact = 0;
       for (int64_t k = 0; k < in; ++k) exact += double(x[t * in + k]) * A[(slot * r + j) * in + k];
-      worst = std::max(worst, std::fabs(exact - z[t * r + j]));
+      worst = worse(worst, std::fabs(exact - z[t * r + j]));
     }
     for (int64_t o = 0; o < out; ++o) {
       double exact = 0;
       for (int64_t j = 0; j < r; ++j) exact += double(z[t * r + j]) * B[(slot * out + o) * r + j];
-      worst = std::max(worst, std::fabs(exact - y[t * out + o]));
+      worst = worse(worst, std::fabs(exact - y[t * out + o]));
     }
   }
   CHECK(worst < 1e-4, "adapter at element offset %lld: error %g", (long long)(slot * r * in), worst);
