@@ -194,6 +194,22 @@ static void test_absmax_codes(int64_t n, int64_t bs) {
   CHECK(wrong == 0, "dequantized absmax n=%lld: %lld wrong", (long long)n, (long long)wrong);
 }
 
+// The dequantisation grid is capped (kMaxGridStrideBlocks) and a grid-stride loop covers
+// the rest: one flat launch on each path with more work than the capped grid has threads.
+static void test_grid_cap() {
+  const int64_t bs = 64, threads = int64_t{256} * cuda::kMaxGridStrideBlocks;
+  const std::vector<float> w = random_vector<float>(8 * threads + 8 * 77, 5);
+  std::vector<uint8_t> packed;
+  std::vector<float> absmax;
+  host_quantize(w, bs, packed, absmax);
+  cuda_emu::stats() = cuda_emu::Stats{};
+  check_dequant<__half>(packed.data(), absmax.data(), bs, static_cast<int64_t>(w.size()), 0, 0, 1,
+                        static_cast<int64_t>(w.size()), 0);  // eight elements per thread
+  check_dequant<float>(packed.data(), absmax.data(), bs, static_cast<int64_t>(w.size()), 0, 0, 1,
+                       threads + 333, 1);  // misaligned: one element per thread
+  CHECK(cuda_emu::stats().max_grid[0] == cuda::kMaxGridStrideBlocks, "grid %u", cuda_emu::stats().max_grid[0]);
+}
+
 int main() {
   for (uint64_t seed : kScheduleSeeds) {
     cuda_emu::set_schedule_seed(seed);
@@ -204,8 +220,16 @@ int main() {
     test_absmax_codes(300, 64);
   }
   test_dequantize_beyond_2_31();
+  test_grid_cap();
   // Empty inputs launch nothing; an unsupported dtype is refused.
+  cuda_emu::stats() = cuda_emu::Stats{};
   CHECK(cuda::launch_nf4_quantize(cuda::DType::kFloat32, nullptr, 0, 64, nullptr, nullptr, nullptr) == cudaSuccess, "empty");
+  CHECK(cuda::launch_nf4_dequantize_2d(cuda::DType::kFloat16, nullptr, nullptr, 64, 8, 0, 0, 0, 8, nullptr, nullptr) ==
+            cudaSuccess, "empty dequantize");
+  CHECK(cuda::launch_nf4_gemv(cuda::DType::kFloat32, nullptr, 0, 32, nullptr, nullptr, 64, nullptr, nullptr, 5, nullptr) ==
+            cudaSuccess, "gemv without rows");
+  CHECK(cuda::launch_quantize_absmax(nullptr, 0, nullptr, 256, nullptr, nullptr, nullptr) == cudaSuccess, "empty absmax");
+  CHECK(cuda_emu::stats().launches == 0, "empty inputs launched %lld kernels", (long long)cuda_emu::stats().launches);
   CHECK(cuda::launch_nf4_gemv(cuda::DType::kFloat64, nullptr, 1, 32, nullptr, nullptr, 64, nullptr, nullptr, 1, nullptr) ==
             cudaErrorInvalidValue, "fp64 gemv refused");
   if (failures == 0) std::printf("emu_nf4: all passed\n");
