@@ -14,7 +14,9 @@
 # interpreter (default: .venv/bin/python when present, else python3). A failing step does
 # not stop the later ones; the exit status is 1 when any step failed.
 # Knobs: TORCH_CUDA_ARCH_LIST (default: the visible GPUs' architectures), MAX_JOBS,
-# CUDA_HOME (default /usr/local/cuda), BENCH_ARGS (default: --full --family all).
+# CUDA_HOME (default /usr/local/cuda), BENCH_ARGS (default: --full --family all),
+# GPU_RUN_BUDGET_S (default 660: the whole run, so that it ends inside one 12-minute device
+# call; every step has a timeout and the benchmark shares out what the earlier steps left).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -37,6 +39,9 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
 fi
 export TORCH_CUDA_ARCH_LIST
 BENCH_ARGS=${BENCH_ARGS:---full --family all}
+BUDGET_S=${GPU_RUN_BUDGET_S:-660}
+# CMake's spelling of the same architectures: 9.0 -> 90, 8.6+PTX -> 86
+CMAKE_ARCHS=$(echo "$TORCH_CUDA_ARCH_LIST" | tr ';' '\n' | sed 's/+PTX//; s/\.//' | grep -E '^[0-9]+$' | paste -sd';')
 
 SUMMARY="$OUTDIR/summary.md"
 failed=0
@@ -52,12 +57,13 @@ start_all=$SECONDS
   echo "|---|---|---:|---|"
 } > "$SUMMARY"
 
-step() {  # step NAME COMMAND...: runs it with its output in NAME.log, records the status
-  local name=$1 t0=$SECONDS rc
-  shift
-  echo "== [$((SECONDS - start_all)) s] $name: $*"
-  "$@" > "$OUTDIR/$name.log" 2>&1
+step() {  # step NAME SECONDS COMMAND...: runs it under a timeout, output in NAME.log
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  echo "== [$((SECONDS - start_all)) s] $name (at most $limit s): $*"
+  timeout --kill-after=10 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
   rc=$?
+  [ $rc -eq 124 ] && echo "step $name stopped after its $limit s" >> "$OUTDIR/$name.log"
   if [ $rc -eq 0 ]; then state=ok; else state="FAILED ($rc)"; failed=1; tail -n 20 "$OUTDIR/$name.log"; fi
   echo "   $state in $((SECONDS - t0)) s"
   echo "| $name | $state | $((SECONDS - t0)) | $name.log |" >> "$SUMMARY"
@@ -94,7 +100,9 @@ native_tests() {
     command -v ninja > /dev/null || PATH="$("$PYTHON" -c "import ninja; print(ninja.BIN_DIR)"):$PATH"
     gen=(-G Ninja)
   fi
-  "$bin/cmake" -S . -B "$OUTDIR/cmake-build" "${gen[@]}" -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" &&
+  # The native tests include the CUDA kernels run in emulation (ctest -R emu), in Release.
+  "$bin/cmake" -S . -B "$OUTDIR/cmake-build" "${gen[@]}" -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
+      ${CMAKE_ARCHS:+-DCMAKE_CUDA_ARCHITECTURES="$CMAKE_ARCHS"} &&
     "$bin/cmake" --build "$OUTDIR/cmake-build" -j "$MAX_JOBS" &&
     "$bin/ctest" --test-dir "$OUTDIR/cmake-build" --output-on-failure
 }
@@ -104,15 +112,23 @@ gpu_tests() {
 }
 
 benchmark() {
+  # Each family gets an equal share of the time left (--max-seconds is per family), less a
+  # margin for loading models and writing charts.
+  local families=6 left=$((BUDGET_S - (SECONDS - start_all) - 60))
+  [ "$left" -lt 60 ] && left=60
   # shellcheck disable=SC2086  (BENCH_ARGS is a list of options)
-  "$PYTHON" -m lora_ext.cli bench --device cuda $BENCH_ARGS --no-progress --output "$OUTDIR/bench"
+  "$PYTHON" -m lora_ext.cli bench --device cuda $BENCH_ARGS --max-seconds $((left * 3 / 4 / families)) \
+    --no-progress --output "$OUTDIR/bench"
 }
 
-step env environment
-if step build build; then
-  step ctest native_tests
-  step pytest-gpu gpu_tests
-  step bench benchmark
+left() { local l=$((BUDGET_S - (SECONDS - start_all))); [ $l -lt 30 ] && l=30; echo $l; }
+cap() { local l; l=$(left); echo $(($1 < l ? $1 : l)); }  # a step's limit within what is left
+
+step env 60 environment
+if step build 360 build; then
+  step ctest "$(cap 120)" native_tests
+  step pytest-gpu "$(cap 240)" gpu_tests
+  step bench "$(left)" benchmark
 else
   echo "| (later steps) | skipped: the build failed | | |" >> "$SUMMARY"
 fi

@@ -3,6 +3,7 @@
 
 #include "../core/bgmv.h"
 #include "bgmv.cuh"
+#include "launch.cuh"
 
 namespace lora_ext {
 namespace cuda {
@@ -102,7 +103,7 @@ template <typename T>
 cudaError_t shrink_typed(const void* x, const void* A, void* z, int64_t rows, int64_t in, int64_t r,
                          RowAdapters adapters, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>((r + kWarps - 1) / kWarps));
-  shrink_kernel<T><<<grid, kWarps * 32, 0, stream>>>(static_cast<const T*>(x),
+  LORA_EXT_LAUNCH(grid, kWarps * 32, 0, stream, shrink_kernel<T>)(static_cast<const T*>(x),
                                                       static_cast<const T*>(A),
                                                       static_cast<T*>(z), in, r, adapters);
   return cudaGetLastError();
@@ -115,7 +116,7 @@ cudaError_t expand_typed(void* y, const void* z, const void* B, const float* sca
   const dim3 grid(static_cast<unsigned>(rows),
                   static_cast<unsigned>((out + kExpandThreads - 1) / kExpandThreads));
   const size_t smem = static_cast<size_t>(r) * sizeof(Acc);
-  expand_kernel<T><<<grid, kExpandThreads, smem, stream>>>(
+  LORA_EXT_LAUNCH(grid, kExpandThreads, smem, stream, expand_kernel<T>)(
       static_cast<T*>(y), static_cast<const T*>(z), static_cast<const T*>(B), scale, out, r,
       adapters);
   return cudaGetLastError();

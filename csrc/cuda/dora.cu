@@ -3,6 +3,7 @@
 
 #include "../core/dora.h"
 #include "dora.cuh"
+#include "launch.cuh"
 
 namespace lora_ext {
 namespace cuda {
@@ -153,13 +154,13 @@ cudaError_t launch_typed(const void* m, int64_t rows, int64_t n, int64_t ldm, co
   const Acc* pt = static_cast<const Acc*>(p);
   const Acc* qt = static_cast<const Acc*>(q);
   if (column_sums) {
-    dora_partial_kernel<T, Acc, true><<<grid, block, 0, stream>>>(mt, rows, n, ldm, pt, qt, rank, partial);
+    LORA_EXT_LAUNCH(grid, block, 0, stream, dora_partial_kernel<T, Acc, true>)(mt, rows, n, ldm, pt, qt, rank, partial);
   } else {
-    dora_partial_kernel<T, Acc, false><<<grid, block, 0, stream>>>(mt, rows, n, ldm, pt, qt, rank, partial);
+    LORA_EXT_LAUNCH(grid, block, 0, stream, dora_partial_kernel<T, Acc, false>)(mt, rows, n, ldm, pt, qt, rank, partial);
   }
   const int64_t count = dora_partial_count(rows, n, column_sums);
   const unsigned finish_blocks = static_cast<unsigned>((len + 255) / 256);
-  dora_finish_kernel<Acc><<<finish_blocks, 256, 0, stream>>>(partial, count, len, out);
+  LORA_EXT_LAUNCH(finish_blocks, 256, 0, stream, dora_finish_kernel<Acc>)(partial, count, len, out);
   return cudaGetLastError();
 }
 

@@ -2,6 +2,7 @@
 #include <cuda_fp16.h>
 
 #include "lora_linear.cuh"
+#include "launch.cuh"
 
 namespace lora_ext {
 namespace cuda {
@@ -70,15 +71,15 @@ __global__ void dropout_mask_kernel(bool* __restrict__ mask, int64_t numel, uint
 unsigned grid_for(int64_t numel) {
   const int64_t groups = (numel + 3) / 4;
   const int64_t blocks = (groups + kThreads - 1) / kThreads;
-  // A grid-stride loop covers the rest; 65535 * 256 threads saturate any current GPU.
-  return static_cast<unsigned>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
+  return static_cast<unsigned>(blocks < kMaxGridStrideBlocks ? (blocks > 0 ? blocks : 1)
+                                                              : kMaxGridStrideBlocks);
 }
 
 template <typename T>
 cudaError_t launch_typed(const void* x, void* dropped, void* grad, int64_t numel,
                          const core::DropoutParams& params, cudaStream_t stream) {
   using Acc = typename Convert<T>::Acc;
-  dropout_apply_kernel<T><<<grid_for(numel), kThreads, 0, stream>>>(
+  LORA_EXT_LAUNCH(grid_for(numel), kThreads, 0, stream, dropout_apply_kernel<T>)(
       static_cast<const T*>(x), static_cast<T*>(dropped), static_cast<T*>(grad), numel, params.seed, params.offset, params.threshold,
       static_cast<Acc>(params.scale));
   return cudaGetLastError();
@@ -103,7 +104,7 @@ cudaError_t launch_dropout_apply(DType dtype, const void* x, void* dropped, void
 cudaError_t launch_dropout_mask(bool* mask, int64_t numel, const core::DropoutParams& params,
                                 cudaStream_t stream) {
   if (numel == 0) return cudaSuccess;
-  dropout_mask_kernel<<<grid_for(numel), kThreads, 0, stream>>>(mask, numel, params.seed,
+  LORA_EXT_LAUNCH(grid_for(numel), kThreads, 0, stream, dropout_mask_kernel)(mask, numel, params.seed,
                                                                  params.offset, params.threshold);
   return cudaGetLastError();
 }

@@ -11,6 +11,10 @@ namespace cuda {
 
 enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
+// Elementwise kernels cap their grid here and loop over the rest (grid-stride): 8192 blocks
+// of 256 threads are 2M threads, several times what an H100 or H200 holds resident.
+constexpr unsigned kMaxGridStrideBlocks = 8192;
+
 // One Philox pass over `numel` contiguous elements (see core::dropout_apply_group):
 //   dropped = mask * scale * x   unless dropped is null
 //   grad   *= mask * scale       unless grad is null (in place)

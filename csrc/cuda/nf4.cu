@@ -5,6 +5,7 @@
 
 #include "../core/nf4.h"
 #include "nf4.cuh"
+#include "launch.cuh"
 
 namespace lora_ext {
 namespace cuda {
@@ -85,7 +86,7 @@ struct QuantizeLauncher {
   static cudaError_t run(const void* x, int64_t n, int64_t bs, uint8_t* packed, float* absmax,
                          cudaStream_t stream) {
     const int64_t blocks = ceil_div(n, bs);
-    quantize_kernel<T><<<static_cast<unsigned>(ceil_div(blocks, kWarps)), kThreads, 0, stream>>>(
+    LORA_EXT_LAUNCH(static_cast<unsigned>(ceil_div(blocks, kWarps)), kThreads, 0, stream, quantize_kernel<T>)(
         static_cast<const T*>(x), n, bs, blocks, packed, absmax);
     return cudaGetLastError();
   }
@@ -137,7 +138,8 @@ __global__ void dequant1_kernel(const uint8_t* __restrict__ packed, const float*
 }
 
 unsigned grid_for(int64_t work) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads), 65535 * 16)));
+  return static_cast<unsigned>(
+      std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads), kMaxGridStrideBlocks)));
 }
 
 template <typename T>
@@ -149,10 +151,10 @@ struct DequantLauncher {
     const bool vec = row_len % 8 == 0 && col0 % 8 == 0 && cols % 8 == 0 && aligned(packed, 4) &&
                      aligned(out, 16);
     if (vec) {
-      dequant8_kernel<T><<<grid_for(rows * cols / 8), kThreads, 0, stream>>>(
+      LORA_EXT_LAUNCH(grid_for(rows * cols / 8), kThreads, 0, stream, dequant8_kernel<T>)(
           packed, absmax, bs_shift, row_len, row0, col0, rows, cols, o);
     } else {
-      dequant1_kernel<T><<<grid_for(rows * cols), kThreads, 0, stream>>>(
+      LORA_EXT_LAUNCH(grid_for(rows * cols), kThreads, 0, stream, dequant1_kernel<T>)(
           packed, absmax, bs_shift, row_len, row0, col0, rows, cols, o);
     }
     return cudaGetLastError();
@@ -244,9 +246,9 @@ cudaError_t gemv_rows(const T* x, int64_t in, const uint8_t* packed, const float
   const unsigned grid = static_cast<unsigned>(ceil_div(out, kWarps));
   const bool vec = in % 32 == 0 && aligned(packed, 16) && aligned(x, 16);
   if (vec) {
-    gemv_kernel<T, R, true><<<grid, kThreads, 0, stream>>>(x, in, packed, absmax, bs_shift, bias, y, out);
+    LORA_EXT_LAUNCH(grid, kThreads, 0, stream, gemv_kernel<T, R, true>)(x, in, packed, absmax, bs_shift, bias, y, out);
   } else {
-    gemv_kernel<T, R, false><<<grid, kThreads, 0, stream>>>(x, in, packed, absmax, bs_shift, bias, y, out);
+    LORA_EXT_LAUNCH(grid, kThreads, 0, stream, gemv_kernel<T, R, false>)(x, in, packed, absmax, bs_shift, bias, y, out);
   }
   return cudaGetLastError();
 }
@@ -345,7 +347,7 @@ cudaError_t launch_quantize_absmax(const float* centred, int64_t n, const float*
                                    cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t blocks = ceil_div(n, blocksize);
-  quantize_absmax_kernel<<<static_cast<unsigned>(ceil_div(blocks, kWarps)), kThreads, 0, stream>>>(
+  LORA_EXT_LAUNCH(static_cast<unsigned>(ceil_div(blocks, kWarps)), kThreads, 0, stream, quantize_absmax_kernel)(
       centred, n, code, blocksize, blocks, codes, absmax2);
   return cudaGetLastError();
 }
@@ -354,7 +356,7 @@ cudaError_t launch_dequantize_absmax(const uint8_t* codes, int64_t n, const floa
                                      const float* offset, const float* code, int64_t blocksize,
                                      float* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  dequantize_absmax_kernel<<<grid_for(n), kThreads, 0, stream>>>(codes, n, absmax2, offset, code,
+  LORA_EXT_LAUNCH(grid_for(n), kThreads, 0, stream, dequantize_absmax_kernel)(codes, n, absmax2, offset, code,
                                                                  blocksize, out);
   return cudaGetLastError();
 }

@@ -1,0 +1,3 @@
+// cuda_emu stand-in for <cuda_runtime.h>: the runtime API subset the kernels use.
+#pragma once
+#include "../cuda_emu.h"
