@@ -38,6 +38,52 @@ namespace {
 
 using at::Tensor;
 
+// z = drop(x2d)·lora_Aᵀ. On CUDA one kernel makes the mask in registers as x streams in;
+// elsewhere the dropout pass and the GEMM run one after the other.
+Tensor shrink_dropout(const Tensor& x2d, const Tensor& lora_A, const core::DropoutParams& params) {
+  const Tensor x_contig = x2d.contiguous();
+  if (x_contig.is_cuda()) {
+#ifdef LORA_EXT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x_contig.device());
+    const Tensor a = lora_A.contiguous();
+    Tensor z = at::empty({x_contig.size(0), a.size(0)}, x_contig.options());
+    C10_CUDA_CHECK(cuda::launch_lora_shrink_dropout(
+        cuda_dtype(x_contig.scalar_type()), x_contig.const_data_ptr(), a.const_data_ptr(),
+        z.mutable_data_ptr(), x_contig.size(0), x_contig.size(1), a.size(0), params,
+        c10::cuda::getCurrentCUDAStream()));
+    return z;
+#endif
+  }
+  const Tensor dropped = at::empty_like(x_contig);
+  dropout_apply(x_contig, dropped, Tensor(), params);
+  return at::mm(dropped, lora_A.t());
+}
+
+// grad_A = grad_zᵀ·drop(x2d), the mask regenerated (on CUDA in registers, in one kernel).
+Tensor grad_a_dropout(const Tensor& grad_z, const Tensor& x2d, const Tensor& lora_A,
+                      const core::DropoutParams& params) {
+  const Tensor x_contig = x2d.contiguous();
+  if (x_contig.is_cuda()) {
+#ifdef LORA_EXT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x_contig.device());
+    const Tensor gz = grad_z.contiguous();
+    const int64_t rows = x_contig.size(0), in = x_contig.size(1), r = lora_A.size(0);
+    const auto acc = x_contig.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const Tensor scratch = at::empty({cuda::lora_grad_a_scratch(rows, in, r)},
+                                     x_contig.options().dtype(acc));
+    Tensor grad_A = at::empty({r, in}, lora_A.options());
+    C10_CUDA_CHECK(cuda::launch_lora_grad_a_dropout(
+        cuda_dtype(x_contig.scalar_type()), gz.const_data_ptr(), x_contig.const_data_ptr(),
+        grad_A.mutable_data_ptr(), scratch.mutable_data_ptr(), rows, in, r, params,
+        c10::cuda::getCurrentCUDAStream()));
+    return grad_A;
+#endif
+  }
+  const Tensor dropped = at::empty_like(x_contig);
+  dropout_apply(x_contig, dropped, Tensor(), params);
+  return at::mm(grad_z.t(), dropped);
+}
+
 void check_inputs(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
                   const Tensor& lora_B, double dropout_p) {
   TORCH_CHECK(x.dim() >= 1, "lora_linear: x must have at least one dimension");
@@ -64,16 +110,9 @@ std::tuple<Tensor, Tensor> lora_linear_forward(const Tensor& x, const Tensor& we
   check_inputs(x, weight, lora_A, lora_B, dropout_p);
   const int64_t in = weight.size(1), out = weight.size(0);
   const Tensor x2d = x.reshape({-1, in});
-  Tensor z;
-  if (dropout_p > 0.0) {
-    const auto params = core::make_dropout_params(dropout_p, seed, offset);
-    const Tensor x_contig = x2d.contiguous();
-    const Tensor dropped = at::empty_like(x_contig);
-    dropout_apply(x_contig, dropped, Tensor(), params);
-    z = at::mm(dropped, lora_A.t());
-  } else {
-    z = at::mm(x2d, lora_A.t());
-  }
+  const Tensor z = dropout_p > 0.0
+                       ? shrink_dropout(x2d, lora_A, core::make_dropout_params(dropout_p, seed, offset))
+                       : at::mm(x2d, lora_A.t());
   // The low-rank term (and bias) first, then the big GEMM accumulates onto it (beta = 1):
   // one pass over y instead of a second read-modify-write after it.
   Tensor y = bias.has_value() && bias->defined()
@@ -109,12 +148,10 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward(
   if (dropout_p == 0.0) {
     if (need_A) grad_A = at::mm(grad_z.t(), x2d);
   } else {
-    // One Philox pass regenerates the mask for both uses: drop(x) for grad_A, and the
-    // dropout backward of grad_x's low-rank term.
-    const Tensor x_contig = need_A ? x2d.contiguous() : Tensor();
-    const Tensor dropped = need_A ? at::empty_like(x_contig) : Tensor();
-    dropout_apply(x_contig, dropped, need_x ? grad_x : Tensor(), params);
-    if (need_A) grad_A = at::mm(grad_z.t(), dropped);
+    // The dropout backward of grad_x's low-rank term masks it in place; grad_A regenerates
+    // the mask over x.
+    if (need_x) dropout_apply(Tensor(), Tensor(), grad_x, params);
+    if (need_A) grad_A = grad_a_dropout(grad_z, x2d, lora_A, params);
   }
   if (need_x) grad_x.addmm_(g2d, weight);
   if (need_x) grad_x = grad_x.view(x.sizes());
