@@ -4,9 +4,35 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// Importing lora_ext._C only has to run the static registrations below.
+#include <stdexcept>
+
+#include "cpu/isa.h"
+
+namespace {
+
+// _C.cpu_capability() -> (effective level, the CPU's best level) of our CPU kernels; raises
+// ValueError for a LORA_EXT_CPU_CAPABILITY that names no level. lora_ext calls it on import.
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  try {
+    const char* level = lora_ext::cpu::isa_name(lora_ext::cpu::cpu_isa());
+    const char* best = lora_ext::cpu::isa_name(lora_ext::cpu::cpu_best_isa());
+    return Py_BuildValue("(ss)", level, best);
+  } catch (const std::invalid_argument& error) {
+    PyErr_SetString(PyExc_ValueError, error.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "(effective, best): the instruction set of lora_ext's CPU kernels and the CPU's best"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// Importing lora_ext._C runs the static registrations below.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 

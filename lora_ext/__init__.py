@@ -12,6 +12,14 @@ from ._loader import load_extension
 
 _C = load_extension()
 
+
+def cpu_capability() -> str:
+    """The instruction set lora_ext's CPU kernels run: "avx512", "avx2" or "default" (portable
+    x86-64). It is the best this CPU supports unless LORA_EXT_CPU_CAPABILITY (read once per
+    process, like PyTorch's ATEN_CPU_CAPABILITY) names a lower one."""
+    return _C.cpu_capability()[0]
+
+
 from . import ops  # noqa: E402  (registers fakes and autograd for the ops _C defined)
 from .accelerate import accelerate, restore  # noqa: E402  (needs peft only when called)
 from .config import LoraConfig, PeftType, TaskType  # noqa: E402
@@ -31,5 +39,5 @@ __all__ = ["BUILD_INFO", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftM
            "AutoPeftModelForTokenClassification", "LoraConfig", "PeftModel", "PeftModelForCausalLM",
            "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
            "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
-           "LoftQConfig", "NF4Linear", "accelerate", "get_peft_model", "memory_footprint", "quantize_model",
+           "LoftQConfig", "NF4Linear", "accelerate", "cpu_capability", "get_peft_model", "memory_footprint", "quantize_model",
            "replace_lora_weights_loftq", "get_peft_model_state_dict", "ops", "restore", "set_peft_model_state_dict", "__version__"]

@@ -45,10 +45,12 @@ def load_extension(module: str = "lora_ext._C"):
 
     check_torch_matches(BUILD_INFO, torch.__version__, torch.version.cuda)
     try:
-        return importlib.import_module(module)
+        extension = importlib.import_module(module)
     except (ImportError, OSError) as error:
         raise ImportError(
             f"lora_ext's compiled extension {module} could not be loaded: {error}. "
             f"It was built for torch {BUILD_INFO.get('torch_version')} "
             f"(CUDA {BUILD_INFO.get('cuda_version')}); this process has torch {torch.__version__} "
             f"(CUDA {torch.version.cuda}). {REBUILD_HINT}") from error
+    extension.cpu_capability()  # a LORA_EXT_CPU_CAPABILITY that names no level fails the import
+    return extension

@@ -14,6 +14,7 @@ def build_report() -> dict:
     report["installed_torch"] = torch.__version__
     report["cuda_kernels_present"] = torch._C._dispatch_has_kernel_for_dispatch_key(
         "lora_ext::lora_linear_forward", "CUDA")
+    report["cpu_capability"], report["cpu_capability_best"] = lora_ext._C.cpu_capability()
     report["gpu_visible"] = torch.cuda.is_available()
     report["gpu_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return report

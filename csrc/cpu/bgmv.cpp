@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "../core/bgmv.h"
+#include "../core/dropout.h"  // LORA_EXT_FORCE_INLINE
+#include "isa.h"
 
 namespace lora_ext {
 namespace cpu {
@@ -57,25 +59,28 @@ struct Store {
   T operator()(acc_of<T> v) const { return static_cast<T>(v); }
 };
 
-// fp32, the serving dtype on CPUs, also gets an AVX2 build of the same code, picked at load
-// time (no FMA contraction under ISO C++, so both builds give the same bits).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LORA_EXT_BGMV_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define LORA_EXT_BGMV_CLONES
-#endif
-
-LORA_EXT_BGMV_CLONES void shrink_item_f32(const float* x, int64_t in, const float* A, int64_t r,
-                                          const int64_t* rows, int64_t count, float* z) {
+// fp32, the serving dtype on CPUs, also gets AVX2/AVX-512 builds of the same code, picked at
+// run time by cpu_isa() (no FMA contraction under ISO C++, so every build gives the same bits).
+LORA_EXT_FORCE_INLINE void shrink_item_f32_body(const float* x, int64_t in, const float* A,
+                                                int64_t r, const int64_t* rows, int64_t count,
+                                                float* z) {
   core::bgmv_shrink_rows(x, in, A, r, rows, count, z, Load<float>(), Store<float>());
 }
+LORA_EXT_ISA_CLONES(void, shrink_item_f32,
+                    (const float* x, int64_t in, const float* A, int64_t r, const int64_t* rows,
+                     int64_t count, float* z),
+                    (x, in, A, r, rows, count, z), shrink_item_f32_body)
 
-LORA_EXT_BGMV_CLONES void expand_item_f32(float* y, int64_t out, const float* z, int64_t r,
-                                          const float* B, float scale, const int64_t* rows,
-                                          int64_t count, float* scratch) {
+LORA_EXT_FORCE_INLINE void expand_item_f32_body(float* y, int64_t out, const float* z, int64_t r,
+                                                const float* B, float scale, const int64_t* rows,
+                                                int64_t count, float* scratch) {
   core::bgmv_expand_rows(y, out, z, r, B, scale, rows, count, scratch, Load<float>(),
                          Store<float>());
 }
+LORA_EXT_ISA_CLONES(void, expand_item_f32,
+                    (float* y, int64_t out, const float* z, int64_t r, const float* B, float scale,
+                     const int64_t* rows, int64_t count, float* scratch),
+                    (y, out, z, r, B, scale, rows, count, scratch), expand_item_f32_body)
 
 template <typename T>
 void shrink_item(const T* x, int64_t in, const T* A, int64_t r, const int64_t* rows, int64_t count,

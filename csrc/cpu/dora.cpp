@@ -14,6 +14,7 @@
 
 #include "../core/dora.h"
 #include "../core/dropout.h"  // LORA_EXT_FORCE_INLINE
+#include "isa.h"
 
 namespace lora_ext {
 namespace cpu {
@@ -28,7 +29,7 @@ constexpr int64_t kElementsPerTask = 1 << 15;
 template <typename T>
 using acc_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
 
-// GCC vector extensions: each target_clones clone lowers them to its widest registers.
+// GCC vector extensions: each per-ISA clone lowers them to its widest registers.
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef double f64x8 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
@@ -187,27 +188,19 @@ LORA_EXT_FORCE_INLINE void column_sums(const T* m, int64_t ldm, int64_t rows, in
   }
 }
 
-// Wheels target baseline x86-64; the clones let the tile loops use AVX2/AVX-512 FMAs where
-// the machine has them, picked once at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LORA_EXT_DORA_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
-#else
-#define LORA_EXT_DORA_CLONES
-#endif
-
-#define LORA_EXT_DEFINE_DORA(T, SUFFIX)                                                         \
-  LORA_EXT_DORA_CLONES void row_sums_##SUFFIX(const T* m, int64_t ldm, int64_t n,              \
-                                              const acc_t<T>* p, const acc_t<T>* q, int rank,  \
-                                              acc_t<T>* sums, int64_t t0, int64_t t1,          \
-                                              int64_t rows) {                                  \
-    row_sums<T>(m, ldm, n, p, q, rank, sums, t0, t1, rows);                                    \
-  }                                                                                            \
-  LORA_EXT_DORA_CLONES void column_sums_##SUFFIX(const T* m, int64_t ldm, int64_t rows,         \
-                                                 int64_t n, const acc_t<T>* p,                 \
-                                                 const acc_t<T>* q, int rank, acc_t<T>* sums,  \
-                                                 int64_t b0, int64_t b1) {                     \
-    column_sums<T>(m, ldm, rows, n, p, q, rank, sums, b0, b1);                                 \
-  }
+// Wheels target baseline x86-64; the clones let the tile loops use AVX2/AVX-512 registers
+// where the machine has them (and LORA_EXT_CPU_CAPABILITY allows). The vectors are 16 lanes
+// wide in every clone and a*b+c is never contracted, so every clone gives the same bits.
+#define LORA_EXT_DEFINE_DORA(T, SUFFIX)                                                      \
+  LORA_EXT_ISA_CLONES(void, row_sums_##SUFFIX,                                               \
+                      (const T* m, int64_t ldm, int64_t n, const acc_t<T>* p,                \
+                       const acc_t<T>* q, int rank, acc_t<T>* sums, int64_t t0, int64_t t1,  \
+                       int64_t rows),                                                        \
+                      (m, ldm, n, p, q, rank, sums, t0, t1, rows), row_sums<T>)              \
+  LORA_EXT_ISA_CLONES(void, column_sums_##SUFFIX,                                            \
+                      (const T* m, int64_t ldm, int64_t rows, int64_t n, const acc_t<T>* p,  \
+                       const acc_t<T>* q, int rank, acc_t<T>* sums, int64_t b0, int64_t b1), \
+                      (m, ldm, rows, n, p, q, rank, sums, b0, b1), column_sums<T>)
 LORA_EXT_DEFINE_DORA(float, f32)
 LORA_EXT_DEFINE_DORA(double, f64)
 LORA_EXT_DEFINE_DORA(c10::BFloat16, bf16)

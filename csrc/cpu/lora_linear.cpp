@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "../core/philox_avx2.h"
+#include "isa.h"
 
 namespace lora_ext {
 namespace cpu {
@@ -51,8 +52,7 @@ LORA_EXT_FORCE_INLINE void chunk_multipliers(const core::DropoutParams& params, 
   unsigned keep[core::kDropoutBatch];
   const uint64_t first_group = static_cast<uint64_t>(chunk) * core::kDropoutBatch;
 #ifdef LORA_EXT_HAVE_AVX2_PHILOX
-  static const bool has_avx2 = __builtin_cpu_supports("avx2");
-  if (has_avx2) {
+  if (cpu_isa() >= Isa::kAvx2) {
     for (int j = 0; j < core::kDropoutBatch; j += 8) {
       core::dropout_keep_bits_x8_avx2(params.seed, params.offset, params.threshold,
                                       first_group + j, keep + j);
@@ -94,18 +94,12 @@ LORA_EXT_FORCE_INLINE void dropout_apply_range(const T* x, T* dropped, T* grad, 
 }
 
 // Wheels target baseline x86-64; these clones let the Philox batch use AVX2/AVX-512 where
-// the machine has them, picked once at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LORA_EXT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LORA_EXT_CPU_CLONES
-#endif
-
-#define LORA_EXT_DEFINE_APPLY(T, NAME)                                                        \
-  LORA_EXT_CPU_CLONES void NAME(const T* x, T* dropped, T* grad, int64_t numel,             \
-                                const core::DropoutParams& params, int64_t c0, int64_t c1) {  \
-    dropout_apply_range<T>(x, dropped, grad, numel, params, c0, c1);                          \
-  }
+// the machine has them (and LORA_EXT_CPU_CAPABILITY allows). Every clone gives the same bits.
+#define LORA_EXT_DEFINE_APPLY(T, NAME)                                                      \
+  LORA_EXT_ISA_CLONES(void, NAME,                                                           \
+                      (const T* x, T* dropped, T* grad, int64_t numel,                      \
+                       const core::DropoutParams& params, int64_t c0, int64_t c1),          \
+                      (x, dropped, grad, numel, params, c0, c1), dropout_apply_range<T>)
 LORA_EXT_DEFINE_APPLY(float, apply_f32)
 LORA_EXT_DEFINE_APPLY(double, apply_f64)
 LORA_EXT_DEFINE_APPLY(c10::BFloat16, apply_bf16)
@@ -121,8 +115,9 @@ void apply(const T* x, T* d, T* g, int64_t n, const core::DropoutParams& p, int6
   else apply_f16(x, d, g, n, p, c0, c1);
 }
 
-LORA_EXT_CPU_CLONES void mask_range(bool* out, int64_t numel, const core::DropoutParams& params,
-                                    int64_t chunk0, int64_t chunk1) {
+LORA_EXT_FORCE_INLINE void mask_range_body(bool* out, int64_t numel,
+                                           const core::DropoutParams& params, int64_t chunk0,
+                                           int64_t chunk1) {
   float m[kChunk];
   for (int64_t chunk = chunk0; chunk < chunk1; ++chunk) {
     chunk_multipliers(params, chunk, 1.0f, m);
@@ -131,6 +126,10 @@ LORA_EXT_CPU_CLONES void mask_range(bool* out, int64_t numel, const core::Dropou
     for (int64_t e = 0; e < count; ++e) out[begin + e] = m[e] != 0.0f;
   }
 }
+LORA_EXT_ISA_CLONES(void, mask_range,
+                    (bool* out, int64_t numel, const core::DropoutParams& params, int64_t c0,
+                     int64_t c1),
+                    (out, numel, params, c0, c1), mask_range_body)
 
 template <typename T>
 T* data_or_null(const at::Tensor& tensor) {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../core/nf4.h"
+#include "isa.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -31,9 +32,7 @@ constexpr int64_t kGroup = 16;
 
 bool cpu_has_avx2() {
 #ifdef LORA_EXT_NF4_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
+  return cpu_isa() >= Isa::kAvx2;  // avx2 + fma + f16c, unless LORA_EXT_CPU_CAPABILITY lowers it
 #else
   return false;
 #endif
