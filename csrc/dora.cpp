@@ -7,6 +7,8 @@
 #include "aten_glue.h"
 #include "core/dropout.h"
 #include "cpu/dora.h"
+#include "cpu/dora_dropout.h"
+#include "cpu/lora_fused.h"
 #include "cpu/lora_linear.h"
 
 #ifdef LORA_EXT_WITH_CUDA
@@ -121,6 +123,21 @@ std::tuple<Tensor, Tensor, Tensor> dora_linear_forward(
     hm = at::mm(z, scaled_B_t);
     hm.addmm_(x2d, weight.t());  // the only big GEMM: x·Wᵀ serves base and DoRA terms alike
     y = has_bias ? at::addcmul(*bias, hm, g) : hm * g;
+  } else if (!x.is_cuda()) {
+    // drop(x)·Wᵀ = (x·Wᵀ - (x ⊙ (1 - m))·Wᵀ) / q: the base GEMM serves both terms and the rest
+    // is a product over the dropped elements only.
+    const auto params = core::make_dropout_params(dropout_p, seed, offset);
+    const auto acc = acc_type(x.scalar_type());
+    const Tensor z_acc = cpu::fused_shrink(x2d, lora_A, dropout_p, params);
+    const Tensor low_rank = at::mm(z_acc, scaled_B_t.to(acc));
+    const Tensor base = at::mm(x2d, weight.t()).to(acc);
+    const Tensor wt = weight.t().to(acc).contiguous();
+    const Tensor hd = (base - cpu::dropped_rows_product(x2d, wt, params)).div_(1.0 - dropout_p).add_(low_rank);
+    Tensor y_acc = base.add_(low_rank).addcmul_(hd, g.to(acc) - 1);
+    if (has_bias) y_acc.add_(*bias);
+    z = z_acc.to(x.scalar_type());
+    hm = hd.to(x.scalar_type());
+    y = y_acc.to(x.scalar_type());
   } else {
     const auto params = core::make_dropout_params(dropout_p, seed, offset);
     const Tensor x_contig = x2d.contiguous();
@@ -168,6 +185,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
   if (dropout_p == 0.0) {
     if (need_A) grad_A = at::mm(grad_z.t(), x2d);
     if (need_x) grad_x.addmm_(gg, weight);
+  } else if (!x.is_cuda()) {
+    // grad_x = grad_y·W + (m/q) ⊙ (G1 + grad_z·A) with G1 = ((g - 1) ⊙ grad_y)·W. Since
+    // (m/q) ⊙ G1 = G1/q - ((1 - m)/q) ⊙ G1, one base GEMM of (1 + (g - 1)/q) ⊙ grad_y gives all
+    // but G1 at the dropped elements, which are dot products of their own.
+    const auto params = core::make_dropout_params(dropout_p, seed, offset);
+    const double q = 1.0 - dropout_p;
+    if (need_x) {
+      grad_x = grad_x.contiguous();
+      dropout_apply(Tensor(), Tensor(), grad_x, params);
+      grad_x.addmm_(g2d * ((g - 1) / q + 1), weight);
+      const Tensor wt = weight.t().to(acc).contiguous();
+      cpu::subtract_dropped_dots(grad_x, (g2d * (g - 1)).to(acc), wt, 1.0 / q, params);
+    }
+    if (need_A) {
+      const Tensor x_contig = x2d.contiguous();
+      const Tensor dropped = at::empty_like(x_contig);
+      dropout_apply(x_contig, dropped, Tensor(), params);
+      grad_A = at::mm(grad_z.t(), dropped);
+    }
   } else {
     // grad_x = grad_y·W + mask ⊙ ((g - 1) ⊙ grad_y)·W + mask ⊙ grad_z·A, the mask regenerated.
     if (need_x) grad_x.addmm_(g2d * (g - 1), weight);

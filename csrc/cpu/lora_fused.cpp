@@ -111,6 +111,11 @@ bool cpu_has_native_bf16() {
 #endif
 }
 
+Tensor fused_shrink(const Tensor& x2d, const Tensor& lora_A, double dropout_p,
+                    const core::DropoutParams& params) {
+  return shrink_tiles(x2d.contiguous(), lora_A.to(acc_type(x2d.scalar_type())), dropout_p, params);
+}
+
 std::tuple<Tensor, Tensor> fused_forward(const Tensor& x2d_in, const Tensor& weight,
                                          const Tensor& bias, const Tensor& lora_A,
                                          const Tensor& lora_B, double scaling, double dropout_p,

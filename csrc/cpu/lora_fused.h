@@ -16,6 +16,10 @@ namespace cpu {
 // allows); without it the base GEMMs of bf16 tensors run in fp32.
 bool cpu_has_native_bf16();
 
+// z = drop(x2d)·lora_Aᵀ [rows, r] in the accumulation dtype (fp32, fp64 for double).
+at::Tensor fused_shrink(const at::Tensor& x2d, const at::Tensor& lora_A, double dropout_p,
+                        const core::DropoutParams& params);
+
 // {y [rows, out], z [rows, r]}; bias may be undefined; params unused when dropout_p == 0.
 std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x2d, const at::Tensor& weight,
                                                  const at::Tensor& bias, const at::Tensor& lora_A,
