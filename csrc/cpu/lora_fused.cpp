@@ -175,10 +175,12 @@ std::tuple<Tensor, Tensor, Tensor> fused_backward(const Tensor& g2d_in, const Te
       }
       if (need_A) pA.addmm_(grad_z.t(), d);
       if (need_x) {
-        Tensor lr = buf.lr.narrow(0, 0, n);
+        // Straight into grad_x when it has the accumulation dtype, else through a tile.
+        Tensor rows_x = grad_x.narrow(0, t0, n);
+        Tensor lr = rows_x.scalar_type() == acc ? rows_x : buf.lr.narrow(0, 0, n);
         at::mm_out(lr, grad_z, a_acc);
         if (m.defined()) lr.mul_(m);
-        grad_x.narrow(0, t0, n).copy_(lr);
+        if (!lr.is_same(rows_x)) rows_x.copy_(lr);
       }
     }
   });
