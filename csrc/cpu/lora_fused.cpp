@@ -36,14 +36,6 @@ at::ScalarType acc_type(at::ScalarType storage) {
   return storage == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The dtype of the base GEMMs: the storage dtype unless it is a half type without native
-// arithmetic on this CPU (and the level LORA_EXT_CPU_CAPABILITY allows).
-at::ScalarType base_type(at::ScalarType storage) {
-  if (storage == at::kBFloat16) return cpu_has_native_bf16() ? at::kBFloat16 : at::kFloat;
-  if (storage == at::kHalf) return at::kFloat;
-  return storage;
-}
-
 // The tile of rows [t0, t0 + n) of a contiguous 2-D tensor, in the accumulation dtype: the
 // tensor's own storage when the dtypes agree, else converted into `buffer`.
 Tensor tile_in(const Tensor& t, int64_t t0, int64_t n, Tensor& buffer) {
@@ -111,6 +103,12 @@ bool cpu_has_native_bf16() {
 #endif
 }
 
+at::ScalarType base_gemm_type(at::ScalarType storage) {
+  if (storage == at::kBFloat16) return cpu_has_native_bf16() ? at::kBFloat16 : at::kFloat;
+  if (storage == at::kHalf) return at::kFloat;
+  return storage;
+}
+
 Tensor fused_shrink(const Tensor& x2d, const Tensor& lora_A, double dropout_p,
                     const core::DropoutParams& params) {
   return shrink_tiles(x2d.contiguous(), lora_A.to(acc_type(x2d.scalar_type())), dropout_p, params);
@@ -121,7 +119,7 @@ std::tuple<Tensor, Tensor> fused_forward(const Tensor& x2d_in, const Tensor& wei
                                          const Tensor& lora_B, double scaling, double dropout_p,
                                          const core::DropoutParams& params) {
   const Tensor x2d = x2d_in.contiguous();
-  const at::ScalarType storage = x2d.scalar_type(), acc = acc_type(storage), base = base_type(storage);
+  const at::ScalarType storage = x2d.scalar_type(), acc = acc_type(storage), base = base_gemm_type(storage);
   const Tensor a_acc = lora_A.to(acc), b_acc = lora_B.to(acc);
   const Tensor z_acc = shrink_tiles(x2d, a_acc, dropout_p, params);
   // The low-rank term and bias first, then the base GEMM accumulates onto it (beta = 1).
@@ -140,7 +138,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_backward(const Tensor& g2d_in, const Te
   const bool need_x = output_mask[0], need_A = output_mask[1], need_B = output_mask[2];
   const Tensor g2d = g2d_in.contiguous(), x2d = x2d_in.contiguous();
   const int64_t rows = x2d.size(0), in = x2d.size(1), out = g2d.size(1);
-  const at::ScalarType storage = x2d.scalar_type(), acc = acc_type(storage), base = base_type(storage);
+  const at::ScalarType storage = x2d.scalar_type(), acc = acc_type(storage), base = base_gemm_type(storage);
   const auto acc_opts = x2d.options().dtype(acc);
   const Tensor a_acc = lora_A.to(acc), b_acc = lora_B.to(acc), z_acc = z.reshape({rows, lora_A.size(0)}).to(acc);
   // grad_x's low-rank term lands directly in the tensor the base GEMM accumulates onto.

@@ -16,6 +16,10 @@ namespace cpu {
 // allows); without it the base GEMMs of bf16 tensors run in fp32.
 bool cpu_has_native_bf16();
 
+// The dtype our CPU ops run their base GEMMs in for tensors of `storage` dtype: the storage
+// dtype, except bf16 without native bf16 and fp16, which run in fp32.
+at::ScalarType base_gemm_type(at::ScalarType storage);
+
 // z = drop(x2d)·lora_Aᵀ [rows, r] in the accumulation dtype (fp32, fp64 for double).
 at::Tensor fused_shrink(const at::Tensor& x2d, const at::Tensor& lora_A, double dropout_p,
                         const core::DropoutParams& params);
