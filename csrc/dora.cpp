@@ -7,6 +7,8 @@
 #include "aten_glue.h"
 #include "core/dropout.h"
 #include "cpu/dora.h"
+#include "cpu/dora_dropout.h"
+#include "cpu/lora_fused.h"
 #include "cpu/lora_linear.h"
 
 #ifdef LORA_EXT_WITH_CUDA
@@ -96,6 +98,12 @@ void check_linear(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
 }
 
 // g = magnitude / ‖W + s·B·A‖, computed in the accumulation type, used in x's dtype.
+// The dtype of the base GEMMs: on CPU, half types without native arithmetic run in fp32
+// (PyTorch's own bf16 GEMM is about 45x slower than fp32 on AVX2-only CPUs).
+at::ScalarType gemm_type(const Tensor& x) {
+  return x.is_cuda() ? x.scalar_type() : cpu::base_gemm_type(x.scalar_type());
+}
+
 Tensor magnitude_scale(const Tensor& magnitude, const Tensor& weight_norm, at::ScalarType dtype) {
   const auto acc = acc_type(dtype);
   return magnitude.to(acc).div(weight_norm.to(acc)).to(dtype);
@@ -115,12 +123,29 @@ std::tuple<Tensor, Tensor, Tensor> dora_linear_forward(
   const Tensor x2d = x.reshape({-1, in});
   const Tensor g = magnitude_scale(magnitude, weight_norm, x.scalar_type());
   const Tensor scaled_B_t = lora_B.t() * scaling;  // scale the [out, r] factor, not an output
+  const auto gemm = gemm_type(x);
   Tensor y, z, hm;
   if (dropout_p == 0.0) {
     z = at::mm(x2d, lora_A.t());
-    hm = at::mm(z, scaled_B_t);
-    hm.addmm_(x2d, weight.t());  // the only big GEMM: x·Wᵀ serves base and DoRA terms alike
+    hm = at::mm(z.to(gemm), scaled_B_t.to(gemm));
+    hm.addmm_(x2d.to(gemm), weight.to(gemm).t());  // the only big GEMM: x·Wᵀ serves both terms
+    hm = hm.to(x.scalar_type());
     y = has_bias ? at::addcmul(*bias, hm, g) : hm * g;
+  } else if (!x.is_cuda()) {
+    // drop(x)·Wᵀ = (x·Wᵀ - (x ⊙ (1 - m))·Wᵀ) / q: the base GEMM serves both terms and the rest
+    // is a product over the dropped elements only.
+    const auto params = core::make_dropout_params(dropout_p, seed, offset);
+    const auto acc = acc_type(x.scalar_type());
+    const Tensor z_acc = cpu::fused_shrink(x2d, lora_A, dropout_p, params);
+    const Tensor low_rank = at::mm(z_acc, scaled_B_t.to(acc));
+    const Tensor base = at::mm(x2d.to(gemm), weight.to(gemm).t()).to(acc);
+    const Tensor wt = weight.t().to(acc).contiguous();
+    const Tensor hd = (base - cpu::dropped_rows_product(x2d, wt, params)).div_(1.0 - dropout_p).add_(low_rank);
+    Tensor y_acc = base.add_(low_rank).addcmul_(hd, g.to(acc) - 1);
+    if (has_bias) y_acc.add_(*bias);
+    z = z_acc.to(x.scalar_type());
+    hm = hd.to(x.scalar_type());
+    y = y_acc.to(x.scalar_type());
   } else {
     const auto params = core::make_dropout_params(dropout_p, seed, offset);
     const Tensor x_contig = x2d.contiguous();
@@ -165,9 +190,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
   if (!need_x && !need_A) return {grad_x, grad_A, grad_B, grad_m};
   const Tensor grad_z = at::mm(gg, lora_B).mul_(scaling);
   if (need_x) grad_x = at::mm(grad_z, lora_A);
+  const auto gemm = gemm_type(x);
   if (dropout_p == 0.0) {
     if (need_A) grad_A = at::mm(grad_z.t(), x2d);
-    if (need_x) grad_x.addmm_(gg, weight);
+    if (need_x) grad_x = grad_x.to(gemm).addmm_(gg.to(gemm), weight.to(gemm)).to(x.scalar_type());
+  } else if (!x.is_cuda()) {
+    // grad_x = grad_y·W + (m/q) ⊙ (G1 + grad_z·A) with G1 = ((g - 1) ⊙ grad_y)·W. Since
+    // (m/q) ⊙ G1 = G1/q - ((1 - m)/q) ⊙ G1, one base GEMM of (1 + (g - 1)/q) ⊙ grad_y gives all
+    // but G1 at the dropped elements, which are dot products of their own.
+    const auto params = core::make_dropout_params(dropout_p, seed, offset);
+    const double q = 1.0 - dropout_p;
+    if (need_x) {
+      grad_x = grad_x.contiguous();
+      dropout_apply(Tensor(), Tensor(), grad_x, params);
+      grad_x = grad_x.to(gemm).addmm_((g2d * ((g - 1) / q + 1)).to(gemm), weight.to(gemm));
+      const Tensor wt = weight.t().to(acc).contiguous();
+      cpu::subtract_dropped_dots(grad_x, (g2d * (g - 1)).to(acc), wt, 1.0 / q, params);
+      grad_x = grad_x.to(x.scalar_type());
+    }
+    if (need_A) {
+      const Tensor x_contig = x2d.contiguous();
+      const Tensor dropped = at::empty_like(x_contig);
+      dropout_apply(x_contig, dropped, Tensor(), params);
+      grad_A = at::mm(grad_z.t(), dropped);
+    }
   } else {
     // grad_x = grad_y·W + mask ⊙ ((g - 1) ⊙ grad_y)·W + mask ⊙ grad_z·A, the mask regenerated.
     if (need_x) grad_x.addmm_(g2d * (g - 1), weight);

@@ -1,9 +1,10 @@
-// Fused LoRA linear: GEMMs through ATen (MKL/oneDNN on CPU, cuBLAS on CUDA) around the
-// Philox dropout kernels of csrc/cpu and csrc/cuda. One orchestration serves both devices.
+// Fused LoRA linear: the CPU path is cpu::fused_forward/backward (csrc/cpu/lora_fused.cpp);
+// the CUDA path orchestrates cuBLAS GEMMs around the fused Philox kernels of csrc/cuda.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "aten_glue.h"
+#include "cpu/lora_fused.h"
 #include "cpu/lora_linear.h"
 
 #ifdef LORA_EXT_WITH_CUDA
@@ -38,6 +39,44 @@ namespace {
 
 using at::Tensor;
 
+// The CUDA path's low-rank steps with dropout (the CPU path is cpu::fused_forward/backward):
+// z = drop(x2d)·lora_Aᵀ and grad_A = grad_zᵀ·drop(x2d), each one kernel that makes the mask
+// in registers as x streams in.
+Tensor shrink_dropout_cuda(const Tensor& x2d, const Tensor& lora_A, const core::DropoutParams& params) {
+#ifdef LORA_EXT_WITH_CUDA
+  const Tensor x_contig = x2d.contiguous(), a = lora_A.contiguous();
+  const c10::cuda::CUDAGuard guard(x_contig.device());
+  Tensor z = at::empty({x_contig.size(0), a.size(0)}, x_contig.options());
+  C10_CUDA_CHECK(cuda::launch_lora_shrink_dropout(
+      cuda_dtype(x_contig.scalar_type()), x_contig.const_data_ptr(), a.const_data_ptr(),
+      z.mutable_data_ptr(), x_contig.size(0), x_contig.size(1), a.size(0), params,
+      c10::cuda::getCurrentCUDAStream()));
+  return z;
+#else
+  TORCH_CHECK(false, "lora_ext was built without CUDA kernels");
+#endif
+}
+
+Tensor grad_a_dropout_cuda(const Tensor& grad_z, const Tensor& x2d, const Tensor& lora_A,
+                           const core::DropoutParams& params) {
+#ifdef LORA_EXT_WITH_CUDA
+  const Tensor x_contig = x2d.contiguous(), gz = grad_z.contiguous();
+  const c10::cuda::CUDAGuard guard(x_contig.device());
+  const int64_t rows = x_contig.size(0), in = x_contig.size(1), r = lora_A.size(0);
+  const auto acc = x_contig.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor scratch = at::empty({cuda::lora_grad_a_scratch(rows, in, r)},
+                                   x_contig.options().dtype(acc));
+  Tensor grad_A = at::empty({r, in}, lora_A.options());
+  C10_CUDA_CHECK(cuda::launch_lora_grad_a_dropout(
+      cuda_dtype(x_contig.scalar_type()), gz.const_data_ptr(), x_contig.const_data_ptr(),
+      grad_A.mutable_data_ptr(), scratch.mutable_data_ptr(), rows, in, r, params,
+      c10::cuda::getCurrentCUDAStream()));
+  return grad_A;
+#else
+  TORCH_CHECK(false, "lora_ext was built without CUDA kernels");
+#endif
+}
+
 void check_inputs(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
                   const Tensor& lora_B, double dropout_p) {
   TORCH_CHECK(x.dim() >= 1, "lora_linear: x must have at least one dimension");
@@ -64,24 +103,23 @@ std::tuple<Tensor, Tensor> lora_linear_forward(const Tensor& x, const Tensor& we
   check_inputs(x, weight, lora_A, lora_B, dropout_p);
   const int64_t in = weight.size(1), out = weight.size(0);
   const Tensor x2d = x.reshape({-1, in});
-  Tensor z;
-  if (dropout_p > 0.0) {
-    const auto params = core::make_dropout_params(dropout_p, seed, offset);
-    const Tensor x_contig = x2d.contiguous();
-    const Tensor dropped = at::empty_like(x_contig);
-    dropout_apply(x_contig, dropped, Tensor(), params);
-    z = at::mm(dropped, lora_A.t());
-  } else {
-    z = at::mm(x2d, lora_A.t());
+  std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
+  y_shape.back() = out;
+  if (!x.is_cuda()) {
+    auto [y, z] = cpu::fused_forward(x2d, weight, bias.has_value() ? *bias : Tensor(), lora_A,
+                                     lora_B, scaling, dropout_p,
+                                     core::make_dropout_params(dropout_p, seed, offset));
+    return {y.view(y_shape), z};
   }
+  const Tensor z = dropout_p > 0.0
+                       ? shrink_dropout_cuda(x2d, lora_A, core::make_dropout_params(dropout_p, seed, offset))
+                       : at::mm(x2d, lora_A.t());
   // The low-rank term (and bias) first, then the big GEMM accumulates onto it (beta = 1):
   // one pass over y instead of a second read-modify-write after it.
   Tensor y = bias.has_value() && bias->defined()
                  ? at::addmm(*bias, z, lora_B.t(), /*beta=*/1, /*alpha=*/scaling)
                  : at::mm(z, lora_B.t() * scaling);  // scale the [out, r] factor, not y
   y.addmm_(x2d, weight.t());
-  std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
-  y_shape.back() = out;
   return {y.view(y_shape), z};
 }
 
@@ -94,6 +132,12 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward(
   const Tensor g2d = grad_y.reshape({-1, out});
   const auto params = core::make_dropout_params(dropout_p, seed, offset);
   const bool need_x = output_mask[0], need_A = output_mask[1], need_B = output_mask[2];
+  if (!x.is_cuda()) {
+    auto [grad_x, grad_A, grad_B] = cpu::fused_backward(g2d, x.reshape({-1, in}), z, weight, lora_A,
+                                                        lora_B, scaling, dropout_p, params, output_mask);
+    if (need_x) grad_x = grad_x.view(x.sizes());
+    return {grad_x, grad_A, grad_B};
+  }
 
   Tensor grad_x = at::empty({0}, x.options());
   Tensor grad_A = at::empty({0}, lora_A.options());
@@ -109,12 +153,10 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward(
   if (dropout_p == 0.0) {
     if (need_A) grad_A = at::mm(grad_z.t(), x2d);
   } else {
-    // One Philox pass regenerates the mask for both uses: drop(x) for grad_A, and the
-    // dropout backward of grad_x's low-rank term.
-    const Tensor x_contig = need_A ? x2d.contiguous() : Tensor();
-    const Tensor dropped = need_A ? at::empty_like(x_contig) : Tensor();
-    dropout_apply(x_contig, dropped, need_x ? grad_x : Tensor(), params);
-    if (need_A) grad_A = at::mm(grad_z.t(), dropped);
+    // The dropout backward of grad_x's low-rank term masks it in place; grad_A regenerates
+    // the mask over x.
+    if (need_x) dropout_apply(Tensor(), Tensor(), grad_x, params);
+    if (need_A) grad_A = grad_a_dropout_cuda(grad_z, x2d, lora_A, params);
   }
   if (need_x) grad_x.addmm_(g2d, weight);
   if (need_x) grad_x = grad_x.view(x.sizes());

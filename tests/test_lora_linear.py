@@ -109,6 +109,15 @@ def test_realistic_layer_size(device, dtype):
     assert_matches_reference(inputs, scaling=2.0, dropout_p=0.05, seed=2024)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_row_tiles_that_split_philox_groups(dtype):
+    # On CPU the low-rank work runs over tiles of about 64K elements of x; with 13 features a
+    # tile ends mid Philox group (4 elements), so the mask of a tile starts off a group edge.
+    inputs = make_lora_inputs((3 * 5041 + 7, 13), 6, 3, dtype=dtype,
+                              requires_grad=("x", "lora_A", "lora_B"))
+    assert_matches_reference(inputs, scaling=1.5, dropout_p=0.3, seed=77)
+
+
 @pytest.mark.parametrize("grad_layout", ["transposed", "strided", "batch_transposed", "expanded"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_non_contiguous_incoming_gradient(grad_layout, dropout_p):

@@ -131,6 +131,25 @@ LORA_EXT_ISA_CLONES(void, mask_range,
                      int64_t c1),
                     (out, numel, params, c0, c1), mask_range_body)
 
+template <typename Acc>
+LORA_EXT_FORCE_INLINE void multipliers_body(Acc* m, int64_t first, int64_t count,
+                                            const core::DropoutParams& params) {
+  const Acc scale = static_cast<Acc>(params.scale);
+  Acc chunk_m[kChunk];
+  const int64_t last = first + count;
+  for (int64_t chunk = first / kChunk; chunk * kChunk < last; ++chunk) {
+    chunk_multipliers(params, chunk, scale, chunk_m);
+    const int64_t begin = std::max(first, chunk * kChunk), end = std::min(last, (chunk + 1) * kChunk);
+    for (int64_t e = begin; e < end; ++e) m[e - first] = chunk_m[e - chunk * kChunk];
+  }
+}
+LORA_EXT_ISA_CLONES(void, multipliers_f32,
+                    (float* m, int64_t first, int64_t count, const core::DropoutParams& params),
+                    (m, first, count, params), multipliers_body<float>)
+LORA_EXT_ISA_CLONES(void, multipliers_f64,
+                    (double* m, int64_t first, int64_t count, const core::DropoutParams& params),
+                    (m, first, count, params), multipliers_body<double>)
+
 template <typename T>
 T* data_or_null(const at::Tensor& tensor) {
   return tensor.defined() ? tensor.data_ptr<T>() : nullptr;
@@ -161,6 +180,14 @@ void dropout_mask(at::Tensor& mask, const core::DropoutParams& params) {
   at::parallel_for(0, chunks, kChunksPerTask, [&](int64_t c0, int64_t c1) {
     mask_range(out, numel, params, c0, c1);
   });
+}
+
+void dropout_multipliers(float* m, int64_t first, int64_t count, const core::DropoutParams& params) {
+  multipliers_f32(m, first, count, params);
+}
+
+void dropout_multipliers(double* m, int64_t first, int64_t count, const core::DropoutParams& params) {
+  multipliers_f64(m, first, count, params);
 }
 
 }  // namespace cpu

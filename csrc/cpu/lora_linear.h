@@ -16,5 +16,10 @@ void dropout_apply(const at::Tensor& x, const at::Tensor& dropped, const at::Ten
 // Fills a contiguous bool tensor with the keep mask.
 void dropout_mask(at::Tensor& mask, const core::DropoutParams& params);
 
+// m[i] = keep(first + i) ? scale : 0 for i < count: the dropout multipliers of any range of
+// flat element indices (a tile of rows need not start on a Philox group).
+void dropout_multipliers(float* m, int64_t first, int64_t count, const core::DropoutParams& params);
+void dropout_multipliers(double* m, int64_t first, int64_t count, const core::DropoutParams& params);
+
 }  // namespace cpu
 }  // namespace lora_ext
