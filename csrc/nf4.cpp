@@ -99,8 +99,7 @@ int64_t gemv_max_rows(const Tensor& x2d) {
     return env ? static_cast<int64_t>(std::atoll(env)) : int64_t{-1};
   }();
   if (env_rows >= 0) return env_rows;
-  if (x2d.scalar_type() == at::kBFloat16 && cpu::nf4_gemv_bf16_supported(x2d.size(1))) return 8;
-  return 4;
+  return 4;  // fp32 (AVX-512 or AVX2) and bf16 (AVX512-BF16) alike
 }
 
 std::tuple<Tensor, Tensor> nf4_quantize(const Tensor& x, int64_t blocksize) {

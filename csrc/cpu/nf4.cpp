@@ -137,48 +137,64 @@ LORA_EXT_AVX2_FN void gemv_rows_avx2(const float* xf, int64_t in, const uint8_t*
   for (int r = 0; r < kRows; ++r) y[r * out + o] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + scalar[r];
 }
 
-LORA_EXT_AVX2_FN float dot_avx2(const float* a, const float* b, int64_t n) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  int64_t k = 0;
-  for (; k + 32 <= n; k += 32) {
-    for (int j = 0; j < 4; ++j) {
-      acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8 * j), _mm256_loadu_ps(b + k + 8 * j), acc[j]);
+// The same with AVX-512: one 16-entry permute decodes 16 weights.
+template <int kRows>
+LORA_EXT_AVX512_FN void gemv_rows_avx512(const float* xf, int64_t in, const uint8_t* packed,
+                                         const float* absmax, int bs_shift, float* y, int64_t out,
+                                         int64_t o) {
+  const __m512 lut = _mm512_loadu_ps(kCode);
+  const int64_t e0 = o * in, e1 = e0 + in;
+  const int64_t head_end = std::min(e1, (e0 + 2 * kGroup - 1) / (2 * kGroup) * (2 * kGroup));
+  float scalar[kRows] = {};
+  auto scalar_part = [&](int64_t b, int64_t e) {
+    for (; b < e; ++b) {
+      const float w = core::nf4_value(kCode, core::nf4_code_at(packed, b), absmax[b >> bs_shift]);
+      for (int r = 0; r < kRows; ++r) scalar[r] += xf[r * in + (b - e0)] * w;
+    }
+  };
+  scalar_part(e0, head_end);
+  __m512 acc0[kRows], acc1[kRows];
+  for (int r = 0; r < kRows; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  int64_t e = head_end;
+  for (; e + 2 * kGroup <= e1; e += 2 * kGroup) {
+    const float s = absmax[e >> bs_shift];  // a 32-aligned group lies in one block
+    const __m512 v0 = values16_512(lut, packed + e / 2, s);
+    const __m512 v1 = values16_512(lut, packed + e / 2 + 8, s);
+    const float* xk = xf + (e - e0);
+    for (int r = 0; r < kRows; ++r) {
+      acc0[r] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xk + r * in), acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xk + r * in + 16), acc1[r]);
     }
   }
-  for (; k + 8 <= n; k += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc[0]);
-  float tail = 0.0f;
-  for (; k < n; ++k) tail += a[k] * b[k];
-  return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + tail;
+  scalar_part(e, e1);
+  for (int r = 0; r < kRows; ++r) y[r * out + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + scalar[r];
 }
 
-LORA_EXT_AVX2_FN void gemv_avx2(const float* xf, int64_t rows, int64_t in, const uint8_t* packed,
-                                const float* absmax, int bs_shift, float* y, int64_t out, int64_t o0,
-                                int64_t o1) {
-  if (rows <= 4) {
-    // Every row's accumulators in registers: one pass over each packed row, nothing stored.
+// Every row's accumulators in registers: one pass over each packed row per 4 rows of x (the
+// GEMM takes more rows unless LORA_EXT_NF4_GEMV_ROWS says otherwise).
+template <bool kAvx512>
+void gemv_simd(const float* xf, int64_t rows, int64_t in, const uint8_t* packed,
+                 const float* absmax, int bs_shift, float* y, int64_t out, int64_t o0,
+                 int64_t o1) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    const float* xr = xf + r0 * in;
+    float* yr = y + r0 * out;
     for (int64_t o = o0; o < o1; ++o) {
-      switch (rows) {
-        case 4: gemv_rows_avx2<4>(xf, in, packed, absmax, bs_shift, y, out, o); break;
-        case 3: gemv_rows_avx2<3>(xf, in, packed, absmax, bs_shift, y, out, o); break;
-        case 2: gemv_rows_avx2<2>(xf, in, packed, absmax, bs_shift, y, out, o); break;
-        default: gemv_rows_avx2<1>(xf, in, packed, absmax, bs_shift, y, out, o); break;
+      switch (std::min<int64_t>(4, rows - r0)) {
+#define LORA_EXT_GEMV_CASE(n)                                                       \
+  case n:                                                                           \
+    if constexpr (kAvx512) {                                                        \
+      gemv_rows_avx512<n>(xr, in, packed, absmax, bs_shift, yr, out, o);            \
+    } else {                                                                        \
+      gemv_rows_avx2<n>(xr, in, packed, absmax, bs_shift, yr, out, o);              \
+    }                                                                               \
+    break;
+        LORA_EXT_GEMV_CASE(4)
+        LORA_EXT_GEMV_CASE(3)
+        LORA_EXT_GEMV_CASE(2)
+        default: LORA_EXT_GEMV_CASE(1)
+#undef LORA_EXT_GEMV_CASE
       }
-    }
-    return;
-  }
-  // More rows: split the reduction into k-tiles whose x chunk (all rows) stays in L1 (about
-  // 32 KiB of fp32). Each tile of a packed row is decoded once into a small buffer that every
-  // row then dots with; partial sums accumulate in y. The packed weight is still read once.
-  const int64_t kt = std::max<int64_t>(64, (8192 / rows) / 64 * 64);
-  std::vector<float> wbuf(static_cast<size_t>(std::min(kt, in)));
-  for (int64_t o = o0; o < o1; ++o) {
-    for (int64_t r = 0; r < rows; ++r) y[r * out + o] = 0.0f;
-  }
-  for (int64_t k0 = 0; k0 < in; k0 += kt) {
-    const int64_t len = std::min(kt, in - k0);
-    for (int64_t o = o0; o < o1; ++o) {
-      dequant_avx2<float>(packed, absmax, bs_shift, o * in + k0, o * in + k0 + len, wbuf.data());
-      for (int64_t r = 0; r < rows; ++r) y[r * out + o] += dot_avx2(xf + r * in + k0, wbuf.data(), len);
     }
   }
 }
@@ -379,7 +395,8 @@ void nf4_gemv(const at::Tensor& xf, const at::Tensor& packed, const at::Tensor& 
   const int shift = core::log2_pow2(blocksize);
   at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
 #ifdef LORA_EXT_NF4_AVX2
-    if (cpu_has_avx2()) return gemv_avx2(x, rows, in, p, a, shift, ys, out, o0, o1);
+    if (cpu_has_avx512()) return gemv_simd<true>(x, rows, in, p, a, shift, ys, out, o0, o1);
+    if (cpu_has_avx2()) return gemv_simd<false>(x, rows, in, p, a, shift, ys, out, o0, o1);
 #endif
     gemv_scalar(x, rows, in, p, a, shift, ys, out, o0, o1);
   });

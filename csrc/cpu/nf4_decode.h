@@ -168,6 +168,26 @@ LORA_EXT_AVX512_FN void dequant_avx512(const uint8_t* packed, const float* absma
   }
   dequant_scalar(packed, absmax, bs_shift, e, e1, out + (e - e0));
 }
+
+// bf16 output on AVX512-BF16 CPUs: vcvtne2ps2bf16 rounds 32 values to nearest even in one
+// instruction; NaNs are then set to c10's 0x7FC0 (the instruction keeps their sign).
+LORA_EXT_BF16_FN inline void dequant_avx512bf16(const uint8_t* packed, const float* absmax, int bs_shift,
+                                                int64_t e0, int64_t e1, c10::BFloat16* out) {
+  int64_t e = std::min(e1, (e0 + 2 * kGroup - 1) / (2 * kGroup) * (2 * kGroup));
+  dequant_scalar(packed, absmax, bs_shift, e0, e, out);
+  const __m512 lut = _mm512_loadu_ps(kCode);
+  const __m512i nan_bits = _mm512_set1_epi16(0x7FC0);
+  for (; e + 2 * kGroup <= e1; e += 2 * kGroup) {
+    const float scale = absmax[e >> bs_shift];  // a 32-aligned group lies in one block
+    const __m512 v0 = values16_512(lut, packed + e / 2, scale);
+    const __m512 v1 = values16_512(lut, packed + e / 2 + 8, scale);
+    const __mmask32 nan = static_cast<__mmask32>(_mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q)) |
+                          (static_cast<__mmask32>(_mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q)) << 16);
+    const __m512i r = _mm512_mask_mov_epi16((__m512i)_mm512_cvtne2ps_pbh(v1, v0), nan, nan_bits);
+    _mm512_storeu_si512(out + (e - e0), r);
+  }
+  dequant_scalar(packed, absmax, bs_shift, e, e1, out + (e - e0));
+}
 #endif
 
 // out[0 .. e1 - e0) = elements e0 .. e1 of the NF4 tensor, by the widest path the CPU has.
@@ -175,6 +195,9 @@ template <typename T>
 void dequant_range(const uint8_t* packed, const float* absmax, int bs_shift, int64_t e0, int64_t e1,
                    T* out) {
 #ifdef LORA_EXT_NF4_AVX2
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (cpu_has_avx512bf16()) return dequant_avx512bf16(packed, absmax, bs_shift, e0, e1, out);
+  }
   if (cpu_has_avx512()) return dequant_avx512(packed, absmax, bs_shift, e0, e1, out);
   if (cpu_has_avx2()) return dequant_avx2(packed, absmax, bs_shift, e0, e1, out);
 #endif
