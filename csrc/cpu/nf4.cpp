@@ -227,7 +227,7 @@ template <int kRows>
 LORA_EXT_BF16_FN inline __attribute__((always_inline)) void gemv_bf16_rows(const c10::BFloat16* x, int64_t ldx, const uint8_t* packed,
                                      const float* absmax, int bs_shift, int64_t e0, int64_t len,
                                      float* partial) {
-  constexpr int kChains = kRows == 1 ? 4 : (kRows <= 3 ? 2 : 1);
+  constexpr int kChains = kRows == 1 ? 4 : (kRows <= 4 ? 2 : 1);
   const __m512 lut = _mm512_loadu_ps(kCode);
   __m512 acc[kRows][kChains];
   for (int r = 0; r < kRows; ++r) {

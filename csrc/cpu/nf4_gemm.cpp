@@ -7,7 +7,7 @@
 // Forward: lanes run along k (the reduction), the natural layout of a decoded row of W, so a
 // tile is decoded exactly as nf4_dequantize writes it; a micro-kernel keeps kMR rows x 4
 // outputs of vector accumulators in registers and sums each across its lanes once at the end
-// of the row. Rows are walked in 2 KiB chunks: kMR rows of x stay in L1 while every 4-output
+// of the row. Rows are walked in 4 KiB chunks: kMR rows of x stay in L1 while every 4-output
 // group of the tile passes over them (the groups' accumulators wait in a small scratch).
 // Backward: lanes run along grad_x's columns, again W's natural layout, and each accumulator
 // needs no horizontal sum. fp32 accumulation everywhere; bf16 x on
@@ -34,7 +34,7 @@ using nf4_decode::dequant_range;
 constexpr int64_t kTileBytes = 256 << 10;  // decoded weight per thread: L2, next to x's rows
 constexpr int64_t kPassBytes = 4 << 20;    // rows of x per pass: they stay in L3 for every tile
 constexpr int kNR = 4;                     // outputs per forward micro-kernel
-constexpr int64_t kChunkBytes = 2048;      // of each row of x and W per micro-kernel call
+constexpr int64_t kChunkBytes = 4096;      // of each row of x and W per micro-kernel call
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
