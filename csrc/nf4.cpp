@@ -1,6 +1,6 @@
-// NF4 family: argument checks, device dispatch and the GEMM paths (dequantised tiles of W
-// through ATen's matmul: MKL/oneDNN on CPU, cuBLAS on CUDA) around the kernels of
-// csrc/cpu/nf4.cpp and csrc/cuda/nf4.cu. One orchestration serves both devices.
+// NF4 family: argument checks, device dispatch and the GEMM paths around the kernels of
+// csrc/cpu/nf4*.cpp and csrc/cuda/nf4.cu. On the CPU many rows go through the blocked 4-bit
+// GEMM (csrc/cpu/nf4_gemm.cpp); on CUDA through dequantised tiles of W and cuBLAS.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -75,24 +75,21 @@ void dequantize_2d(const Tensor& packed, const Tensor& absmax, int64_t blocksize
   }
 }
 
-// Bytes of dequantised weight per GEMM tile. On CUDA, tiles bound the transient memory (a
-// layer never holds a dense copy of its whole weight); on the CPU one matmul over the whole
-// dequantised weight is several times faster than tiled ones (oneDNN/MKL pay a setup per
-// call), so the CPU takes the weight in one tile. LORA_EXT_NF4_TILE_BYTES overrides both.
-int64_t tile_bytes(bool cuda) {
+// Bytes of dequantised weight per CUDA GEMM tile: tiles bound the transient memory (a layer
+// never holds a dense copy of its whole weight). LORA_EXT_NF4_TILE_BYTES overrides it. (The
+// CPU's blocked GEMM sizes its own tiles for the caches.)
+int64_t tile_bytes() {
   static const int64_t env_bytes = [] {
     const char* env = std::getenv("LORA_EXT_NF4_TILE_BYTES");
     const long long v = env ? std::atoll(env) : 0;
     return static_cast<int64_t>(v > 0 ? v : 0);
   }();
-  if (env_bytes > 0) return env_bytes;
-  return cuda ? int64_t{64} << 20 : int64_t{1} << 62;
+  return env_bytes > 0 ? env_bytes : int64_t{64} << 20;
 }
 
-// Up to this many rows of x go through the GEMV kernels (one pass over the packed weight);
-// more go through dequantised tiles and a GEMM. The CPU crossovers were measured on 4096x4096
-// (lora-ext bench --family nf4): the AVX512-BF16 kernel stays ahead of dequantise + oneDNN to
-// about 48 rows, the fp32 AVX2 kernel to about 8. LORA_EXT_NF4_GEMV_ROWS overrides the CPU's.
+// Up to this many rows of x go through the GEMV kernels (the weight decoded in registers);
+// more go through the GEMM path. The CPU crossovers against the blocked GEMM were measured on
+// 4096x4096 (lora-ext bench --family nf4). LORA_EXT_NF4_GEMV_ROWS overrides the CPU's.
 int64_t gemv_max_rows(const Tensor& x2d) {
 #ifdef LORA_EXT_WITH_CUDA
   if (x2d.is_cuda()) return cuda::kGemvMaxRows;
@@ -102,8 +99,7 @@ int64_t gemv_max_rows(const Tensor& x2d) {
     return env ? static_cast<int64_t>(std::atoll(env)) : int64_t{-1};
   }();
   if (env_rows >= 0) return env_rows;
-  if (x2d.scalar_type() == at::kBFloat16 && cpu::nf4_gemv_bf16_supported(x2d.size(1))) return 48;
-  return 8;
+  return 4;  // fp32 (AVX-512 or AVX2) and bf16 (AVX512-BF16) alike
 }
 
 std::tuple<Tensor, Tensor> nf4_quantize(const Tensor& x, int64_t blocksize) {
@@ -151,6 +147,28 @@ Tensor nf4_dequantize(const Tensor& packed, const Tensor& absmax, at::IntArrayRe
   return out;
 }
 
+// out (fp32/fp16/bf16, any shape and strides) = every element of the NF4 tensor, in row-major
+// order, written into out's own memory.
+void nf4_dequantize_out(const Tensor& packed, const Tensor& absmax, int64_t blocksize, Tensor out) {
+  const char* op = "nf4_dequantize_out";
+  check_blocksize(op, blocksize);
+  check_float(op, "out", out);
+  const int64_t n = out.numel();
+  check_packed(op, packed, absmax, n, blocksize);
+  TORCH_CHECK(out.device() == packed.device(), op, ": out is on ", out.device(), " but packed is on ",
+              packed.device());
+  if (n == 0) return;
+  const Tensor p = packed.contiguous(), a = absmax.contiguous();
+  Tensor dst = out.is_contiguous() ? out : at::empty(out.sizes(), out.options());
+  if (dst.is_cuda()) {
+    Tensor flat = dst.view({1, n});
+    dequantize_2d(p, a, blocksize, n, 0, 0, flat);
+  } else {
+    cpu::nf4_dequantize(p, a, blocksize, dst);
+  }
+  if (!dst.is_same(out)) out.copy_(dst);
+}
+
 void check_matmul(const char* op, const Tensor& x, const Tensor& packed, const Tensor& absmax,
                   int64_t rows_w, int64_t cols_w, int64_t blocksize) {
   check_float(op, "x", x);
@@ -168,7 +186,7 @@ Tensor gemm_forward(const Tensor& x2d, const Tensor& packed, const Tensor& absma
   const int64_t rows = x2d.size(0), in = x2d.size(1);
   Tensor y = at::empty({rows, out}, x2d.options());
   const int64_t tile = std::max<int64_t>(
-      1, std::min(out, tile_bytes(x2d.is_cuda()) / std::max<int64_t>(1, in * x2d.element_size())));
+      1, std::min(out, tile_bytes() / std::max<int64_t>(1, in * x2d.element_size())));
   Tensor buffer = at::empty({tile, in}, x2d.options());
   const bool has_bias = bias.has_value() && bias->defined();
   for (int64_t o0 = 0; o0 < out; o0 += tile) {
@@ -199,7 +217,7 @@ Tensor nf4_matmul(const Tensor& x, const Tensor& packed, const Tensor& absmax, i
   }
   std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
   y_shape.back() = out_features;
-  const Tensor x2d = x.reshape({-1, in}).contiguous();
+  const Tensor x2d = x.reshape({-1, in});
   const int64_t rows = x2d.size(0);
   if (rows == 0) return at::empty(y_shape, x.options());
   if (in == 0) {
@@ -209,14 +227,20 @@ Tensor nf4_matmul(const Tensor& x, const Tensor& packed, const Tensor& absmax, i
   }
   const Tensor p = packed.contiguous(), a = absmax.contiguous();
   if (rows > gemv_max_rows(x2d)) {
-    return gemm_forward(x2d, p, a, out_features, blocksize, bias).view(y_shape);
+    if (x.is_cuda()) return gemm_forward(x2d.contiguous(), p, a, out_features, blocksize, bias).view(y_shape);
+    // The blocked GEMM copies x into its own padded fp32/bf16 rows: any strides will do.
+    Tensor y = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
+    cpu::nf4_gemm(x2d, p, a, blocksize, y);
+    if (has_bias) y.add_(bias->to(at::kFloat));
+    return (x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type())).view(y_shape);
   }
+  const Tensor x2dc = x2d.contiguous();
   if (x.is_cuda()) {
 #ifdef LORA_EXT_WITH_CUDA
     Tensor y = at::empty({rows, out_features}, x.options());
     const Tensor b = has_bias ? bias->contiguous() : Tensor();
     LORA_EXT_CUDA_CALL(x.device(), cuda::launch_nf4_gemv(
-        cuda_dtype(x.scalar_type()), x2d.data_ptr(), rows, in, p.data_ptr<uint8_t>(),
+        cuda_dtype(x.scalar_type()), x2dc.data_ptr(), rows, in, p.data_ptr<uint8_t>(),
         a.data_ptr<float>(), blocksize, has_bias ? b.data_ptr() : nullptr, y.data_ptr(),
         out_features, LORA_EXT_STREAM));
     return y.view(y_shape);
@@ -226,16 +250,17 @@ Tensor nf4_matmul(const Tensor& x, const Tensor& packed, const Tensor& absmax, i
   }
   Tensor y = at::empty({rows, out_features}, x2d.options().dtype(at::kFloat));
   if (x.scalar_type() == at::kBFloat16 && cpu::nf4_gemv_bf16_supported(in)) {
-    cpu::nf4_gemv_bf16(x2d, p, a, blocksize, y);
+    cpu::nf4_gemv_bf16(x2dc, p, a, blocksize, y);
   } else {
-    cpu::nf4_gemv(x2d.to(at::kFloat).contiguous(), p, a, blocksize, y);
+    cpu::nf4_gemv(x2dc.to(at::kFloat).contiguous(), p, a, blocksize, y);
   }
   if (has_bias) y.add_(bias->to(at::kFloat));
   return y.to(x.scalar_type()).view(y_shape);
 }
 
-// grad_x [..., in] = grad_y [..., out] @ W. Column slabs of W, so that every slab writes its
-// own columns of grad_x and nothing is accumulated in low precision.
+// grad_x [..., in] = grad_y [..., out] @ W. CPU: the blocked kernel (fp32 accumulation). CUDA:
+// column slabs of W, so that every slab writes its own columns of grad_x and nothing is
+// accumulated in low precision.
 Tensor nf4_matmul_grad_input(const Tensor& grad_y, const Tensor& packed, const Tensor& absmax,
                              int64_t in_features, int64_t blocksize) {
   const char* op = "nf4_matmul_grad_input";
@@ -248,8 +273,12 @@ Tensor nf4_matmul_grad_input(const Tensor& grad_y, const Tensor& packed, const T
   Tensor grad_x = at::empty({rows, in_features}, grad_y.options());
   if (rows == 0 || in_features == 0) return grad_x.view(shape);
   const Tensor p = packed.contiguous(), a = absmax.contiguous();
+  if (!g2d.is_cuda()) {
+    cpu::nf4_gemm_grad_input(g2d, p, a, blocksize, grad_x);
+    return grad_x.view(shape);
+  }
   const int64_t slab = std::max<int64_t>(
-      1, std::min(in_features, tile_bytes(g2d.is_cuda()) / std::max<int64_t>(1, out * g2d.element_size())));
+      1, std::min(in_features, tile_bytes() / std::max<int64_t>(1, out * g2d.element_size())));
   Tensor buffer = at::empty({out, slab}, g2d.options());
   for (int64_t k0 = 0; k0 < in_features; k0 += slab) {
     const int64_t t = std::min(slab, in_features - k0);
@@ -330,6 +359,7 @@ Tensor nf4_dequantize_absmax(const Tensor& codes, const Tensor& absmax2, const T
 TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("nf4_quantize", &lora_ext::nf4_quantize);
   m.impl("nf4_dequantize", &lora_ext::nf4_dequantize);
+  m.impl("nf4_dequantize_out", &lora_ext::nf4_dequantize_out);
   m.impl("nf4_matmul", &lora_ext::nf4_matmul);
   m.impl("nf4_matmul_grad_input", &lora_ext::nf4_matmul_grad_input);
   m.impl("nf4_quantize_absmax", &lora_ext::nf4_quantize_absmax);
@@ -340,6 +370,7 @@ TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
 TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
   m.impl("nf4_quantize", &lora_ext::nf4_quantize);
   m.impl("nf4_dequantize", &lora_ext::nf4_dequantize);
+  m.impl("nf4_dequantize_out", &lora_ext::nf4_dequantize_out);
   m.impl("nf4_matmul", &lora_ext::nf4_matmul);
   m.impl("nf4_matmul_grad_input", &lora_ext::nf4_matmul_grad_input);
   m.impl("nf4_quantize_absmax", &lora_ext::nf4_quantize_absmax);

@@ -70,6 +70,8 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def("nf4_quantize(Tensor x, int blocksize) -> (Tensor, Tensor)");
   m.def("nf4_dequantize(Tensor packed, Tensor absmax, SymInt[] shape, int blocksize, "
         "ScalarType dtype) -> Tensor");
+  // The same into existing memory: out (fp32/fp16/bf16, its shape the tensor's) is overwritten.
+  m.def("nf4_dequantize_out(Tensor packed, Tensor absmax, int blocksize, Tensor(a!) out) -> ()");
   // y = x @ dequant(W [out_features, x.shape[-1]]).T + bias, in x's dtype.
   m.def("nf4_matmul(Tensor x, Tensor packed, Tensor absmax, int out_features, int blocksize, "
         "Tensor? bias) -> Tensor");

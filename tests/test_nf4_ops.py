@@ -443,8 +443,9 @@ def test_cuda_matmul(dtype, rows):
 
 
 def test_gemm_tiles_and_gemv_threshold_paths(tmp_path):
-    """The tiled GEMM (several tiles and slabs, as on CUDA) and the GEMV/GEMM switch, forced
-    through their environment knobs in a fresh process."""
+    """The GEMV/GEMM switch, forced through LORA_EXT_NF4_GEMV_ROWS in a fresh process (GEMV
+    for every row, for none, and between); LORA_EXT_NF4_TILE_BYTES sizes CUDA's tiles and must
+    change nothing on the CPU."""
     import os
     import subprocess
     import sys

@@ -14,22 +14,12 @@
 #include "../core/nf4.h"
 #include "isa.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define LORA_EXT_NF4_AVX2 1
-#define LORA_EXT_AVX2_FN __attribute__((target("avx2,fma,f16c")))
-#endif
+#include "nf4_decode.h"
 
 namespace lora_ext {
 namespace cpu {
-namespace {
 
-constexpr float kCode[core::kNF4Codes] = {LORA_EXT_NF4_CODE_VALUES};
-
-// Elements per SIMD step: 8 packed bytes. Blocksizes are multiples of 32, so a 16-aligned
-// group of elements never straddles two blocks.
-constexpr int64_t kGroup = 16;
-
+// The one place that decides which instruction set the NF4 kernels use (see nf4_decode.h).
 bool cpu_has_avx2() {
 #ifdef LORA_EXT_NF4_AVX2
   return cpu_isa() >= Isa::kAvx2;  // avx2 + fma + f16c, unless LORA_EXT_CPU_CAPABILITY lowers it
@@ -38,15 +28,28 @@ bool cpu_has_avx2() {
 #endif
 }
 
-// Storage conversions; both round to nearest even exactly as c10 does.
-template <typename T>
-inline T store_scalar(float v) {
-  return static_cast<T>(v);
+bool cpu_has_avx512() {
+#ifdef LORA_EXT_NF4_AVX2
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok && cpu_has_avx2();
+#else
+  return false;
+#endif
 }
-template <>
-inline c10::BFloat16 store_scalar<c10::BFloat16>(float v) {
-  return c10::BFloat16(v);  // c10 rounds to nearest even, NaN -> 0x7FC0
+
+bool cpu_has_avx512bf16() {
+#ifdef LORA_EXT_NF4_AVX2
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok && cpu_has_avx512();
+#else
+  return false;
+#endif
 }
+
+namespace {
+
+using namespace nf4_decode;
 
 template <typename T>
 inline float load_scalar(T v) {
@@ -74,91 +77,6 @@ void quantize_blocks(const T* x, int64_t n, int64_t bs, uint8_t* packed, float* 
     uint8_t* out = packed + first / 2;  // blocks start at even elements
     for (int64_t i = 0; i < len; i += 2) out[i / 2] = core::nf4_pack(codes[i], codes[i + 1]);
   }
-}
-
-// ---------------------------------------------------------------- dequantize
-
-template <typename T>
-void dequant_scalar(const uint8_t* packed, const float* absmax, int bs_shift, int64_t e0, int64_t e1,
-                    T* out) {
-  for (int64_t e = e0; e < e1; ++e) {
-    out[e - e0] = store_scalar<T>(core::nf4_value(kCode, core::nf4_code_at(packed, e), absmax[e >> bs_shift]));
-  }
-}
-
-#ifdef LORA_EXT_NF4_AVX2
-// 16 dequantised fp32 values of elements e .. e+15 (e a multiple of 16).
-struct Lut16 {
-  __m256 lo, hi;
-};
-
-LORA_EXT_AVX2_FN inline Lut16 make_lut() {
-  return {_mm256_loadu_ps(kCode), _mm256_loadu_ps(kCode + 8)};
-}
-
-LORA_EXT_AVX2_FN inline __m256 lookup8(const Lut16& lut, __m256i idx) {
-  const __m256 a = _mm256_permutevar8x32_ps(lut.lo, idx);
-  const __m256 b = _mm256_permutevar8x32_ps(lut.hi, idx);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-
-LORA_EXT_AVX2_FN inline void values16(const Lut16& lut, const uint8_t* bytes, float scale,
-                                      __m256& v0, __m256& v1) {
-  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-  const __m128i lo = _mm_and_si128(raw, mask);
-  const __m128i nib = _mm_unpacklo_epi8(hi, lo);  // element order: high nibble first
-  const __m256 s = _mm256_set1_ps(scale);
-  v0 = _mm256_mul_ps(lookup8(lut, _mm256_cvtepu8_epi32(nib)), s);
-  v1 = _mm256_mul_ps(lookup8(lut, _mm256_cvtepu8_epi32(_mm_srli_si128(nib, 8))), s);
-}
-
-LORA_EXT_AVX2_FN inline __m128i bf16x8(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-  const __m256i packed = _mm256_packus_epi32(r, r);  // per 128-bit lane
-  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
-}
-
-template <typename T>
-LORA_EXT_AVX2_FN inline void store8(T* out, __m256 v) {
-  if constexpr (std::is_same_v<T, float>) {
-    _mm256_storeu_ps(out, v);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bf16x8(v));
-  } else {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
-                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-}
-
-template <typename T>
-LORA_EXT_AVX2_FN void dequant_avx2(const uint8_t* packed, const float* absmax, int bs_shift,
-                                   int64_t e0, int64_t e1, T* out) {
-  int64_t e = std::min(e1, (e0 + kGroup - 1) / kGroup * kGroup);
-  dequant_scalar(packed, absmax, bs_shift, e0, e, out);
-  const Lut16 lut = make_lut();
-  for (; e + kGroup <= e1; e += kGroup) {
-    __m256 v0, v1;
-    values16(lut, packed + e / 2, absmax[e >> bs_shift], v0, v1);
-    store8(out + (e - e0), v0);
-    store8(out + (e - e0) + 8, v1);
-  }
-  dequant_scalar(packed, absmax, bs_shift, e, e1, out + (e - e0));
-}
-#endif
-
-template <typename T>
-void dequant_range(const uint8_t* packed, const float* absmax, int bs_shift, int64_t e0, int64_t e1,
-                   T* out) {
-#ifdef LORA_EXT_NF4_AVX2
-  if (cpu_has_avx2()) return dequant_avx2(packed, absmax, bs_shift, e0, e1, out);
-#endif
-  dequant_scalar(packed, absmax, bs_shift, e0, e1, out);
 }
 
 // ---------------------------------------------------------------- GEMV
@@ -218,48 +136,64 @@ LORA_EXT_AVX2_FN void gemv_rows_avx2(const float* xf, int64_t in, const uint8_t*
   for (int r = 0; r < kRows; ++r) y[r * out + o] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + scalar[r];
 }
 
-LORA_EXT_AVX2_FN float dot_avx2(const float* a, const float* b, int64_t n) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  int64_t k = 0;
-  for (; k + 32 <= n; k += 32) {
-    for (int j = 0; j < 4; ++j) {
-      acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8 * j), _mm256_loadu_ps(b + k + 8 * j), acc[j]);
+// The same with AVX-512: one 16-entry permute decodes 16 weights.
+template <int kRows>
+LORA_EXT_AVX512_FN void gemv_rows_avx512(const float* xf, int64_t in, const uint8_t* packed,
+                                         const float* absmax, int bs_shift, float* y, int64_t out,
+                                         int64_t o) {
+  const __m512 lut = _mm512_loadu_ps(kCode);
+  const int64_t e0 = o * in, e1 = e0 + in;
+  const int64_t head_end = std::min(e1, (e0 + 2 * kGroup - 1) / (2 * kGroup) * (2 * kGroup));
+  float scalar[kRows] = {};
+  auto scalar_part = [&](int64_t b, int64_t e) {
+    for (; b < e; ++b) {
+      const float w = core::nf4_value(kCode, core::nf4_code_at(packed, b), absmax[b >> bs_shift]);
+      for (int r = 0; r < kRows; ++r) scalar[r] += xf[r * in + (b - e0)] * w;
+    }
+  };
+  scalar_part(e0, head_end);
+  __m512 acc0[kRows], acc1[kRows];
+  for (int r = 0; r < kRows; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  int64_t e = head_end;
+  for (; e + 2 * kGroup <= e1; e += 2 * kGroup) {
+    const float s = absmax[e >> bs_shift];  // a 32-aligned group lies in one block
+    const __m512 v0 = values16_512(lut, packed + e / 2, s);
+    const __m512 v1 = values16_512(lut, packed + e / 2 + 8, s);
+    const float* xk = xf + (e - e0);
+    for (int r = 0; r < kRows; ++r) {
+      acc0[r] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(xk + r * in), acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(xk + r * in + 16), acc1[r]);
     }
   }
-  for (; k + 8 <= n; k += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc[0]);
-  float tail = 0.0f;
-  for (; k < n; ++k) tail += a[k] * b[k];
-  return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + tail;
+  scalar_part(e, e1);
+  for (int r = 0; r < kRows; ++r) y[r * out + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + scalar[r];
 }
 
-LORA_EXT_AVX2_FN void gemv_avx2(const float* xf, int64_t rows, int64_t in, const uint8_t* packed,
-                                const float* absmax, int bs_shift, float* y, int64_t out, int64_t o0,
-                                int64_t o1) {
-  if (rows <= 4) {
-    // Every row's accumulators in registers: one pass over each packed row, nothing stored.
+// Every row's accumulators in registers: one pass over each packed row per 4 rows of x (the
+// GEMM takes more rows unless LORA_EXT_NF4_GEMV_ROWS says otherwise).
+template <bool kAvx512>
+void gemv_simd(const float* xf, int64_t rows, int64_t in, const uint8_t* packed,
+                 const float* absmax, int bs_shift, float* y, int64_t out, int64_t o0,
+                 int64_t o1) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    const float* xr = xf + r0 * in;
+    float* yr = y + r0 * out;
     for (int64_t o = o0; o < o1; ++o) {
-      switch (rows) {
-        case 4: gemv_rows_avx2<4>(xf, in, packed, absmax, bs_shift, y, out, o); break;
-        case 3: gemv_rows_avx2<3>(xf, in, packed, absmax, bs_shift, y, out, o); break;
-        case 2: gemv_rows_avx2<2>(xf, in, packed, absmax, bs_shift, y, out, o); break;
-        default: gemv_rows_avx2<1>(xf, in, packed, absmax, bs_shift, y, out, o); break;
+      switch (std::min<int64_t>(4, rows - r0)) {
+#define LORA_EXT_GEMV_CASE(n)                                                       \
+  case n:                                                                           \
+    if constexpr (kAvx512) {                                                        \
+      gemv_rows_avx512<n>(xr, in, packed, absmax, bs_shift, yr, out, o);            \
+    } else {                                                                        \
+      gemv_rows_avx2<n>(xr, in, packed, absmax, bs_shift, yr, out, o);              \
+    }                                                                               \
+    break;
+        LORA_EXT_GEMV_CASE(4)
+        LORA_EXT_GEMV_CASE(3)
+        LORA_EXT_GEMV_CASE(2)
+        default: LORA_EXT_GEMV_CASE(1)
+#undef LORA_EXT_GEMV_CASE
       }
-    }
-    return;
-  }
-  // More rows: split the reduction into k-tiles whose x chunk (all rows) stays in L1 (about
-  // 32 KiB of fp32). Each tile of a packed row is decoded once into a small buffer that every
-  // row then dots with; partial sums accumulate in y. The packed weight is still read once.
-  const int64_t kt = std::max<int64_t>(64, (8192 / rows) / 64 * 64);
-  std::vector<float> wbuf(static_cast<size_t>(std::min(kt, in)));
-  for (int64_t o = o0; o < o1; ++o) {
-    for (int64_t r = 0; r < rows; ++r) y[r * out + o] = 0.0f;
-  }
-  for (int64_t k0 = 0; k0 < in; k0 += kt) {
-    const int64_t len = std::min(kt, in - k0);
-    for (int64_t o = o0; o < o1; ++o) {
-      dequant_avx2<float>(packed, absmax, bs_shift, o * in + k0, o * in + k0 + len, wbuf.data());
-      for (int64_t r = 0; r < rows; ++r) y[r * out + o] += dot_avx2(xf + r * in + k0, wbuf.data(), len);
     }
   }
 }
@@ -271,14 +205,6 @@ LORA_EXT_AVX2_FN void gemv_avx2(const float* xf, int64_t rows, int64_t in, const
 // weights can go through the bf16 dot-product instruction exactly as rounded: 32 codes decode
 // with one 16-entry permute per 16, scale by absmax in fp32, round to bf16 pairs (RNE) and
 // feed vdpbf16ps (fp32 accumulation). Needs in % 32 == 0 (32-code groups inside one block).
-#define LORA_EXT_BF16_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-bool cpu_has_avx512bf16() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
-
 constexpr int kBf16RowBlock = 8;
 
 // 32 weights of elements e .. e+31 (one block), scaled in fp32 and rounded to bf16 pairs.
@@ -300,7 +226,7 @@ template <int kRows>
 LORA_EXT_BF16_FN inline __attribute__((always_inline)) void gemv_bf16_rows(const c10::BFloat16* x, int64_t ldx, const uint8_t* packed,
                                      const float* absmax, int bs_shift, int64_t e0, int64_t len,
                                      float* partial) {
-  constexpr int kChains = kRows == 1 ? 4 : (kRows <= 3 ? 2 : 1);
+  constexpr int kChains = kRows == 1 ? 4 : (kRows <= 4 ? 2 : 1);
   const __m512 lut = _mm512_loadu_ps(kCode);
   __m512 acc[kRows][kChains];
   for (int r = 0; r < kRows; ++r) {
@@ -361,6 +287,34 @@ LORA_EXT_BF16_FN void gemv_bf16(const c10::BFloat16* x, int64_t ldx, int64_t row
       default: gemv_bf16_pass<8>(xb, ldx, in, packed, absmax, bs_shift, yb, out, o0, o1); break;
     }
   }
+}
+#endif
+
+#ifdef LORA_EXT_NF4_AVX2
+// ---------------------------------------------------------------- double-quantised absmax
+// code[q] * absmax2 + offset for elements [i, end) of one block, 8 or 16 at a time (a gather
+// from the 256-entry code; multiply and add rounded separately, as core::dynamic_dequantize).
+// Returns the first element left for the scalar loop.
+LORA_EXT_AVX2_FN int64_t absmax_run_avx2(const uint8_t* q, const float* table, float absmax2,
+                                         float offset, int64_t i, int64_t end, float* o) {
+  const __m256 s = _mm256_set1_ps(absmax2), off = _mm256_set1_ps(offset);
+  for (; i + 8 <= end; i += 8) {
+    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
+    const __m256 v = _mm256_i32gather_ps(table, idx, 4);
+    _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_mul_ps(v, s), off));
+  }
+  return i;
+}
+
+LORA_EXT_AVX512_FN int64_t absmax_run_avx512(const uint8_t* q, const float* table, float absmax2,
+                                             float offset, int64_t i, int64_t end, float* o) {
+  const __m512 s = _mm512_set1_ps(absmax2), off = _mm512_set1_ps(offset);
+  for (; i + 16 <= end; i += 16) {
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
+    const __m512 v = _mm512_i32gather_ps(idx, table, 4);
+    _mm512_storeu_ps(o + i, _mm512_add_ps(_mm512_mul_ps(v, s), off));
+  }
+  return i;
 }
 #endif
 
@@ -440,7 +394,8 @@ void nf4_gemv(const at::Tensor& xf, const at::Tensor& packed, const at::Tensor& 
   const int shift = core::log2_pow2(blocksize);
   at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
 #ifdef LORA_EXT_NF4_AVX2
-    if (cpu_has_avx2()) return gemv_avx2(x, rows, in, p, a, shift, ys, out, o0, o1);
+    if (cpu_has_avx512()) return gemv_simd<true>(x, rows, in, p, a, shift, ys, out, o0, o1);
+    if (cpu_has_avx2()) return gemv_simd<false>(x, rows, in, p, a, shift, ys, out, o0, o1);
 #endif
     gemv_scalar(x, rows, in, p, a, shift, ys, out, o0, o1);
   });
@@ -508,8 +463,19 @@ void dequantize_absmax(const at::Tensor& codes, const at::Tensor& absmax2, float
   const float* a2 = absmax2.data_ptr<float>();
   const float* table = code.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) o[i] = core::dynamic_dequantize(table, q[i], a2[i / blocksize], offset);
+  at::parallel_for(0, n, 65536, [&](int64_t i0, int64_t i1) {
+    // Block by block: one absmax2 per run of elements, no division per element.
+    for (int64_t i = i0; i < i1;) {
+      const int64_t b = i / blocksize, end = std::min(i1, (b + 1) * blocksize);
+#ifdef LORA_EXT_NF4_AVX2
+      if (cpu_has_avx512()) {
+        i = absmax_run_avx512(q, table, a2[b], offset, i, end, o);
+      } else if (cpu_has_avx2()) {
+        i = absmax_run_avx2(q, table, a2[b], offset, i, end, o);
+      }
+#endif
+      for (; i < end; ++i) o[i] = core::dynamic_dequantize(table, q[i], a2[b], offset);
+    }
   });
 }
 

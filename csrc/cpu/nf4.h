@@ -29,6 +29,17 @@ bool nf4_gemv_bf16_supported(int64_t in_features);
 void nf4_gemv_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                    int64_t blocksize, at::Tensor& y);
 
+// y [rows, out] fp32 = x2d [rows, in] (fp32/fp16/bf16, any strides) @ dequant(W [out, in]).T
+// by the blocked 4-bit GEMM of nf4_gemm.cpp: W decoded tile by tile into per-thread buffers,
+// each tile used by every row, never a dense copy of W.
+void nf4_gemm(const at::Tensor& x2d, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+              at::Tensor& y);
+
+// grad_x [rows, in] (any float dtype, contiguous) = g2d [rows, out] @ dequant(W [out, in]), the
+// same way (fp32 accumulation).
+void nf4_gemm_grad_input(const at::Tensor& g2d, const at::Tensor& packed, const at::Tensor& absmax,
+                         int64_t blocksize, at::Tensor& grad_x);
+
 // 8-bit blockwise quantisation of centred absmax values with a 256-entry sorted code.
 void quantize_absmax(const at::Tensor& centred, const at::Tensor& code, int64_t blocksize,
                      at::Tensor& codes, at::Tensor& absmax2);

@@ -200,7 +200,12 @@ def synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], An
 # ---------------------------------------------------------------- timing
 
 
-def _time_ms(step: Callable[[], Any], device: torch.device) -> float:
+# CPU clocks: wall time, or the CPU time of this process (all its threads). On a machine other
+# processes oversubscribe, wall time counts their time slices too; process time does not.
+CPU_TIMERS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def _time_ms(step: Callable[[], Any], device: torch.device, cpu_timer: str = "wall") -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -209,9 +214,10 @@ def _time_ms(step: Callable[[], Any], device: torch.device) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end)
-    t0 = time.perf_counter()
+    clock = CPU_TIMERS[cpu_timer]
+    t0 = clock()
     step()
-    return (time.perf_counter() - t0) * 1e3
+    return (clock() - t0) * 1e3
 
 
 def summarize(samples: Sequence[float]) -> dict:
@@ -259,7 +265,8 @@ class _Progress:
 
 
 def run_case(family: Family, case: Case, device: torch.device, names: Sequence[str], repeats: int,
-             warmup: int, progress: _Progress | None = None, budget_s: float | None = None) -> dict:
+             warmup: int, progress: _Progress | None = None, budget_s: float | None = None,
+             cpu_timer: str = "wall") -> dict:
     """Time the named contestants on one case, interleaved round-robin. Returns the case record.
 
     budget_s: once the case has taken this long (set-up included), stop after the current
@@ -307,7 +314,7 @@ def run_case(family: Family, case: Case, device: torch.device, names: Sequence[s
         for rep in range(per_contestant):
             k = rep % len(order) if order else 0
             for name in order[k:] + order[:k]:      # rotate who goes first
-                ms = _time_ms(runners[name].step, device)
+                ms = _time_ms(runners[name].step, device, cpu_timer)
                 if rep >= warmup:
                     samples[name].append(ms)
                 if progress:
@@ -464,11 +471,12 @@ def environment(device: torch.device) -> dict:
 def run_benchmark(family: Family | str, cases: Sequence[Case], device: str | torch.device = "cpu",
                   repeats: int = 15, warmup: int = 3, contestants: Sequence[str] | None = None,
                   progress: bool = True, config: Mapping | None = None,
-                  max_seconds: float | None = None) -> dict:
+                  max_seconds: float | None = None, cpu_timer: str = "wall") -> dict:
     """Run every case; returns the full result document (what write_json writes).
 
     max_seconds: a budget for the whole run, shared out over the cases still to run (a case
-    that finishes early leaves its time to the others); None = no budget."""
+    that finishes early leaves its time to the others); None = no budget.
+    cpu_timer: "wall" (time.perf_counter) or "process" (time.process_time) for CPU runs."""
     family = get_family(family) if isinstance(family, str) else family
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -476,6 +484,8 @@ def run_benchmark(family: Family | str, cases: Sequence[Case], device: str | tor
     names = list(contestants or family.default_contestants)
     for name in names:
         family.contestant(name)          # KeyError on unknown names
+    if cpu_timer not in CPU_TIMERS:
+        raise ValueError(f"cpu_timer must be one of {', '.join(CPU_TIMERS)}, got {cpu_timer!r}")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     doc = {
@@ -484,7 +494,7 @@ def run_benchmark(family: Family | str, cases: Sequence[Case], device: str | tor
         "measures": family.measures,
         "environment": environment(device),
         "config": {"repeats": repeats, "warmup": warmup, "contestants": names,
-                   "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
+                   "timer": "cuda events" if device.type == "cuda" else f"time.{CPU_TIMERS[cpu_timer].__name__}",
                    "order": "round-robin over repeats, rotating first contestant",
                    "max_seconds": max_seconds,
                    **(config or {})},
@@ -502,7 +512,8 @@ def run_benchmark(family: Family | str, cases: Sequence[Case], device: str | tor
             budget = None
             if max_seconds:
                 budget = max(0.0, max_seconds - (time.perf_counter() - started)) / (len(cases) - i)
-            doc["results"].append(run_case(family, case, device, names, repeats, warmup, bar, budget))
+            doc["results"].append(run_case(family, case, device, names, repeats, warmup, bar, budget,
+                                           cpu_timer))
     finally:
         bar.close()
     doc["environment"]["loadavg_end"] = _loadavg()

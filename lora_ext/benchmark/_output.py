@@ -83,7 +83,8 @@ def _headline(doc: Mapping) -> list[str]:
         f"lora_ext {env['lora_ext_version']}, {threads} torch threads / {env['cpu_count']} CPUs, "
         f"commit {(env.get('git_commit') or 'n/a')[:12]}{'+dirty' if env.get('git_dirty') else ''}, "
         f"{env.get('date_utc', '')}",
-        f"times: median ±IQR in ms over {_repeats_text(doc)} repeats (after {cfg['warmup']} warm-up), "
+        f"times ({cfg.get('timer', 'time.perf_counter')}): median ±IQR in ms over {_repeats_text(doc)} repeats "
+        f"(after {cfg['warmup']} warm-up), "
         "contestants interleaved; ratios are of medians (x/base < 1 is faster than base; "
         "speedup > 1 means ours is faster)",
     ]
@@ -301,6 +302,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time budget of a run: cases take fewer repeats (at least "
                              f"{MIN_REPEATS}) to keep within it (default: 90 for --quick on cpu, "
                              "else none; 0 = none)")
+    parser.add_argument("--cpu-timer", choices=["wall", "process"], default="wall",
+                        help="CPU clock: wall time (default) or this process's CPU time, which "
+                             "other processes on an oversubscribed machine do not inflate (with "
+                             "one torch thread it is the work of the timed call)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -381,7 +386,8 @@ def _run_family(family: Family, args: argparse.Namespace, device: torch.device, 
         doc = run_benchmark(family, cases, device, repeats=repeats, warmup=warmup,
                             contestants=args.contestants, progress=not args.no_progress,
                             config={"preset": preset, "argv": sys.argv},
-                            max_seconds=max_seconds or None)
+                            max_seconds=max_seconds or None,
+                            cpu_timer=getattr(args, "cpu_timer", "wall"))
     except (KeyError, ValueError) as error:
         print(f"lora-ext bench: {error}", file=sys.stderr)
         return 2

@@ -1,12 +1,14 @@
 """The "nf4" benchmark family: NF4 dequantisation and the 4-bit matmul, inference (no grad).
 
-Two kinds of case, told apart by extra["op"]:
-  dequant  W [out, in] from packed codes + absmax to bf16/fp32 (tokens = 0)
+Three kinds of case, told apart by extra["op"]:
+  dequant  W [out, in] from packed codes + absmax to bf16/fp32, into an existing tensor (out=)
+  absmax   the fp32 absmax of W from its double quantisation (codes, absmax2, offset)
   matmul   y = x @ dequant(W).T for x [tokens, in]
 Contestants: lora_ext's ops, bitsandbytes' public functions on the same packed bytes
-(dequantize_4bit / matmul_4bit), bitsandbytes' CPU inference layout (the one Linear4bit
-switches to in eval mode on AVX512-BF16 CPUs, bf16 absmax) where available, and the dense
-matmul on an unquantised weight of the same dtype (the floor the 4-bit matmul aims at).
+(dequantize_4bit / dequantize_blockwise / matmul_4bit), bitsandbytes' CPU inference layout
+(the one Linear4bit switches to in eval mode on AVX512-BF16 CPUs, bf16 absmax) where
+available, the dense matmul on an unquantised weight of the same dtype (the floor the 4-bit
+matmul aims at), and a plain fill of an output of the same size (the floor of dequantising).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class NF4Inputs:
     packed: torch.Tensor        # [out * in / 2, 1] uint8
     absmax: torch.Tensor        # fp32 [out * in / 64]
     x: torch.Tensor | None      # [tokens, in] (matmul cases)
+    nested: tuple | None = None  # (codes, absmax2, offset) of absmax (absmax cases)
     _ref: dict = field(default_factory=dict)
 
 
@@ -53,9 +56,11 @@ def make_nf4_cases(features: Iterable = ("4096x4096",), tokens: int | Iterable[i
         for dtype in seq(dtypes):
             dt = DTYPE_ALIASES.get(dtype, dtype)
             for op in seq(ops):
+                if op == "absmax" and dtype != seq(dtypes)[0]:
+                    continue  # absmax is fp32 whatever the weight's dtype: one case
                 for t in (seq(tokens) if op == "matmul" else [0]):
-                    cases.append(Case("nf4", dt, in_f, out_f, int(t), 0, 0.0,
-                                      extra=(("op", op), ("bs", BLOCKSIZE))))
+                    cases.append(Case("nf4", "float32" if op == "absmax" else dt, in_f, out_f, int(t), 0,
+                                      0.0, extra=(("op", op), ("bs", BLOCKSIZE))))
     return cases
 
 
@@ -69,11 +74,20 @@ def make_nf4_inputs(case: Case, device: torch.device) -> NF4Inputs:
     w = torch.randn(case.out_features, case.in_features, generator=g) * case.in_features ** -0.5
     w = w.to(device=device, dtype=case.torch_dtype)
     packed, absmax = ops.nf4_quantize(w, BLOCKSIZE)
-    x = None
+    x = nested = None
     if _op(case) == "matmul":
         x = torch.randn(case.tokens, case.in_features, generator=g).to(device=device,
                                                                       dtype=case.torch_dtype)
-    return NF4Inputs(w, packed, absmax, x)
+    if _op(case) == "absmax":
+        nested = ops.quantize_absmax(absmax, 256)
+    return NF4Inputs(w, packed, absmax, x, nested)
+
+
+def _output_like(case: Case, inp: NF4Inputs) -> torch.Tensor:
+    """A fresh output of the case's op, for the contestants that write into existing memory."""
+    if _op(case) == "absmax":
+        return torch.empty_like(inp.absmax)
+    return torch.empty(case.out_features, case.in_features, dtype=case.torch_dtype, device=inp.packed.device)
 
 
 def _bnb_state(case: Case, inp: NF4Inputs):
@@ -89,10 +103,14 @@ def _bnb_state(case: Case, inp: NF4Inputs):
 
 def _build_lora_ext(case: Case, inp: NF4Inputs) -> Runner:
     from lora_ext import ops
-    shape = (case.out_features, case.in_features)
     if _op(case) == "dequant":
+        out = _output_like(case, inp)
+
         def forward():
-            return ops.nf4_dequantize(inp.packed, inp.absmax, shape, BLOCKSIZE, case.torch_dtype)
+            return ops.nf4_dequantize(inp.packed, inp.absmax, blocksize=BLOCKSIZE, out=out)
+    elif _op(case) == "absmax":
+        def forward():
+            return ops.dequantize_absmax(*inp.nested, 256)
     else:
         def forward():
             return ops.nf4_matmul(inp.x, inp.packed, inp.absmax, case.out_features, BLOCKSIZE)
@@ -101,15 +119,30 @@ def _build_lora_ext(case: Case, inp: NF4Inputs) -> Runner:
 
 def _build_bnb(case: Case, inp: NF4Inputs) -> Runner:
     bnb_f, state = _bnb_state(case, inp)
+    info = {"bitsandbytes": _bnb_version()}
     if _op(case) == "dequant":
+        out = _output_like(case, inp)
+        try:
+            bnb_f.dequantize_4bit(inp.packed, state, out=out)
+        except NotImplementedError:  # bitsandbytes 0.50 has no out= kernel on the CPU
+            out = None
+            info["note"] = "allocates its output (no out= on this device)"
+
         def forward():
-            return bnb_f.dequantize_4bit(inp.packed, state)
+            return bnb_f.dequantize_4bit(inp.packed, state, out=out)
+    elif _op(case) == "absmax":
+        codes, absmax2, offset = inp.nested
+        state2 = bnb_f.QuantState(absmax=absmax2, code=bnb_f.create_dynamic_map(signed=True).to(absmax2.device),
+                                  blocksize=256, dtype=torch.float32)
+
+        def forward():
+            return bnb_f.dequantize_blockwise(codes, state2) + offset
     else:
         import bitsandbytes as bnb
 
         def forward():
             return bnb.matmul_4bit(inp.x, inp.packed.t(), state)
-    return Runner(forward, forward, info={"bitsandbytes": _bnb_version()})
+    return Runner(forward, forward, info=info)
 
 
 def _bnb_version() -> str:
@@ -152,12 +185,25 @@ def _build_dense(case: Case, inp: NF4Inputs) -> Runner:
     return Runner(forward, forward)
 
 
+def _build_fill(case: Case, inp: NF4Inputs) -> Runner:
+    if _op(case) == "matmul":
+        raise Unavailable("the fill contestant only runs dequantise cases")
+    out = _output_like(case, inp)
+
+    def forward():
+        return out.fill_(1.0)
+    return Runner(forward, forward)
+
+
 def _nf4_check(case: Case, inp: NF4Inputs, name: str, y: torch.Tensor) -> float | None:
     """Max relative error against the fp32 reference on the dequantised weight (the dense
-    contestant uses the unquantised weight, so it is not compared)."""
-    if name == "dense":
+    contestant uses the unquantised weight and the fill writes ones: neither is compared)."""
+    if name in ("dense", "fill"):
         return None
     from lora_ext import reference
+    if _op(case) == "absmax":
+        want = reference.dequantize_absmax(*inp.nested, 256)
+        return float((y.float() - want).abs().max() / want.abs().max().clamp_min(1e-30))
     if "ref" not in inp._ref:
         w = reference.nf4_dequantize(inp.packed, inp.absmax, (case.out_features, case.in_features),
                                      BLOCKSIZE, torch.float32)
@@ -173,13 +219,14 @@ def _nf4_tolerance(case: Case) -> float:
 
 register_family(Family(
     name="nf4",
-    description="NF4 4-bit weights: dequantise W, and y = x dequant(W)^T (blocksize 64)",
-    measures="one call, no grad (dequant: whole weight; matmul: forward)",
+    description="NF4 4-bit weights: dequantise W and its absmax, and y = x dequant(W)^T (blocksize 64)",
+    measures="one call, no grad (dequant: whole weight into existing memory; absmax: the fp32 "
+             "absmax from its double quantisation; matmul: forward)",
     presets={
         "quick": dict(features=("4096x4096",), tokens=(1, 16, 256), dtypes=("bfloat16",),
-                      ops=("dequant", "matmul")),
-        "full": dict(features=("4096x4096", "4096x11008"), tokens=(1, 16, 256, 2048),
-                     dtypes=("bfloat16",), ops=("dequant", "matmul")),
+                      ops=("dequant", "absmax", "matmul")),
+        "full": dict(features=("4096x4096", "4096x11008"), tokens=(1, 4, 8, 16, 64, 256, 2048),
+                     dtypes=("float32", "bfloat16"), ops=("dequant", "absmax", "matmul")),
     },
     make_cases=make_nf4_cases,
     make_inputs=make_nf4_inputs,
@@ -192,12 +239,14 @@ register_family(Family(
                    _build_bnb_cpu_layout, _bnb_cpu_layout_available),
         Contestant("dense", "dense", "F.linear on the unquantised weight in the same dtype",
                    _build_dense),
+        Contestant("fill", "fill", "Tensor.fill_ of an existing output of the same size and dtype",
+                   _build_fill),
     ),
-    default_contestants=("lora_ext", "bnb", "bnb_cpu", "dense"),
+    default_contestants=("lora_ext", "bnb", "bnb_cpu", "dense", "fill"),
     baseline="bnb",
     ours="lora_ext",
     ratios=(("ours/bnb", "lora_ext", "bnb"), ("ours/bnb-cpu", "lora_ext", "bnb_cpu"),
-            ("ours/dense", "lora_ext", "dense")),
+            ("ours/dense", "lora_ext", "dense"), ("ours/fill", "lora_ext", "fill")),
     check=_nf4_check,
     tolerance=_nf4_tolerance,
 ))

@@ -85,16 +85,34 @@ def nf4_quantize(x: Tensor, blocksize: int = 64) -> tuple[Tensor, Tensor]:
     return _ops.nf4_quantize(x, blocksize)
 
 
-def nf4_dequantize(packed: Tensor, absmax: Tensor, shape, blocksize: int = 64,
-                   dtype: torch.dtype = torch.float32) -> Tensor:
+def nf4_dequantize(packed: Tensor, absmax: Tensor, shape=None, blocksize: int = 64,
+                   dtype: torch.dtype | None = None, *, out: Tensor | None = None) -> Tensor:
     """Dequantise NF4 codes: out[i] = NF4_CODE[code[i]] * absmax[i // blocksize] (in fp32).
 
     Semantics (reference.nf4_dequantize); the result, cast to dtype, has `shape` and equals
-    bitsandbytes.functional.dequantize_4bit to the bit.
+    bitsandbytes.functional.dequantize_4bit to the bit. dtype defaults to float32 (to out's
+    dtype when out is given).
+
+    With `out` (an existing fp32/fp16/bf16 tensor, any strides) the values are written into
+    it and it is returned: no allocation, as bitsandbytes' dequantize_4bit(..., out=out).
+    `shape` and `dtype` may then be omitted; if given they must match out's.
     """
     op = "nf4_dequantize"
-    shape = _check_shape(op, shape)
     _check_blocksize(op, blocksize)
+    if out is not None:
+        _check_tensor(op, "out", out, _FLOAT_DTYPES)
+        if shape is not None and _check_shape(op, shape) != tuple(out.shape):
+            raise ValueError(f"{op}: out has shape {tuple(out.shape)} but shape {tuple(shape)} was asked for")
+        if dtype is not None and dtype != out.dtype:
+            raise TypeError(f"{op}: out has dtype {out.dtype} but dtype {dtype} was asked for")
+        _check_packed(op, packed, absmax, out.numel(), blocksize, f"out {tuple(out.shape)}")
+        _check_same_device(op, ("packed", packed), ("out", out))
+        _ops.nf4_dequantize_out(packed, absmax, blocksize, out)
+        return out
+    if shape is None:
+        raise ValueError(f"{op}: shape is missing; it is required unless out is given")
+    shape = _check_shape(op, shape)
+    dtype = torch.float32 if dtype is None else dtype
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: dtype must be one of {_dtype_list(_FLOAT_DTYPES)}, got {dtype}")
     _check_packed(op, packed, absmax, math.prod(shape), blocksize, f"shape {shape}")
@@ -217,6 +235,11 @@ def _nf4_quantize_fake(x, blocksize):
 @torch.library.register_fake("lora_ext::nf4_dequantize")
 def _nf4_dequantize_fake(packed, absmax, shape, blocksize, dtype):
     return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("lora_ext::nf4_dequantize_out")
+def _nf4_dequantize_out_fake(packed, absmax, blocksize, out):
+    return None
 
 
 @torch.library.register_fake("lora_ext::nf4_matmul")
