@@ -84,6 +84,9 @@ def _dora_weight_norm_backward(ctx, grad):
 
 torch.library.register_autograd("lora_ext::dora_weight_norm", _dora_weight_norm_backward,
                                 setup_context=lambda ctx, inputs, output: None)
+# The norm is an fp32 computation: under autocast nothing is cast and autocast is off beneath
+# it, so that the GEMM inside (W·Aᵀ) is not turned into a half-precision one.
+_register_autocast_rule("dora_weight_norm", ())
 
 
 # ---------------------------------------------------------------- DoRA linear
