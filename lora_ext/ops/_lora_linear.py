@@ -37,8 +37,8 @@ def _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling) -> bool:
                 raise TypeError(f"lora_linear: {name} has dtype {named[name].dtype} but x has "
                                 f"{x.dtype}; x, weight and bias must share one dtype")
         if lora_B.dtype != lora_A.dtype:
-            raise TypeError(f"lora_linear: lora_B has dtype {lora_B.dtype} but lora_A has "
-                            f"{lora_A.dtype}; lora_A and lora_B must share one dtype")
+            raise TypeError(f"lora_linear: lora_A has dtype {lora_A.dtype} but lora_B has "
+                            f"{lora_B.dtype}; lora_A and lora_B must share one dtype")
         mixed = lora_A.dtype != x.dtype
     if weight.dim() != 2:
         raise ValueError(f"lora_linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
