@@ -345,3 +345,34 @@ def test_qlora_layer_under_autocast_matches_peft(dtype):
     with DispatchCounter() as counter:
         _assert_model_matches_peft(ours.train(), theirs.train(), dtype, f"QLoRA autocast {dtype}")
     assert counter.counts["nf4_matmul"] == 14 and counter.dtypes["nf4_matmul"] == {dtype}
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("mode", ["autocast", "mixed"])
+def test_compiled_layer_matches_eager(mode, use_dora):
+    """Our Linear layer with fp32 adapters, compiled whole (fullgraph) under autocast and on a
+    bf16 base: the same outputs and gradients as eager."""
+    torch._dynamo.reset()
+    base_dtype = torch.float32 if mode == "autocast" else torch.bfloat16
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(40, 24)).to(base_dtype)
+    model = lora_ext.get_peft_model(base, lora_ext.LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
+                                                              use_dora=use_dora))
+    randomize_adapters(model)
+    layer = model.base_model.model[0]
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(3, 7, 40).to(base_dtype)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            y = layer(x)
+        return y.float().square().mean()
+
+    results = {}
+    for name, fn in (("eager", step), ("compiled", torch.compile(step, fullgraph=True))):
+        loss = fn(x)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        results[name] = [loss, *torch.autograd.grad(loss, params)]
+    for got, want in zip(results["compiled"], results["eager"]):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-3)
