@@ -240,12 +240,21 @@ def test_compile_fullgraph_matches_eager(mode):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("op", ["lora_linear_forward", "dora_linear_forward", "nf4_matmul"])
 @pytest.mark.parametrize("dtype", HALF)
-def test_opcheck_under_autocast(dtype):
-    t = _inputs(torch.float32, torch.float32)
-    args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 1.5, 0.1, 3, 0)
+def test_opcheck_under_autocast(dtype, op):
+    t = _inputs(torch.float32, torch.float32, dora=True)
+    factors = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"])
+    if op == "lora_linear_forward":
+        args = (*factors, 1.5, 0.1, 3, 0)
+    elif op == "dora_linear_forward":
+        norm = ops.dora_weight_norm(t["weight"].detach(), t["lora_A"].detach(), t["lora_B"].detach(), 1.5)
+        args = (*factors, t["magnitude"], norm, 1.5, 0.1, 3, 0)
+    else:
+        packed, absmax = ops.nf4_quantize(t["weight"].detach())
+        args = (t["x"], packed, absmax, 24, 64, t["bias"])
     with torch.autocast("cpu", dtype=dtype):
-        torch.library.opcheck(torch.ops.lora_ext.lora_linear_forward.default, args)
+        torch.library.opcheck(getattr(torch.ops.lora_ext, op).default, args)
 
 
 def test_mismatched_dtypes_outside_autocast_are_refused_with_the_rule():

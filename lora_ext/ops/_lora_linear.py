@@ -197,8 +197,9 @@ class _MixedLoraLinear(torch.autograd.Function):
     PEFT computes base(x) in the base dtype and B(A(drop(x.to(adapter dtype)))) * s in the
     adapters' dtype, and rounds the sum once to the base dtype. The kernel takes a single
     dtype, and running the adapter branch in bf16 instead would round A, B, z and the
-    adapter gradients to 8 bits (their error is then ~1000x PEFT's, far outside the
-    tolerance rule), so this path is composed here from ATen GEMMs and the kernel's Philox
+    adapter gradients to bf16 (their error is then thousands of times PEFT's, measured
+    5,800x for grad_A at in = 256, far outside the tolerance rule), so this path is
+    composed here from ATen GEMMs and the kernel's Philox
     mask, keeping the fused op's data flow: only x and z (r columns, adapter dtype) are
     saved, drop(x) is regenerated in backward from (seed, offset), never stored.
     """
