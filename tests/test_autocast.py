@@ -337,15 +337,16 @@ def test_layers_with_fp32_adapters_on_a_half_base_are_fused_and_match_peft(base_
     assert calls == [base_dtype] * 14
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("dtype", HALF)
-def test_qlora_layer_under_autocast_matches_peft(dtype):
+def test_qlora_layer_under_autocast_matches_peft(dtype, use_dora):
     """QLoRA under autocast: nf4_matmul in the autocast dtype, the adapter branch too, fp32
     adapter gradients; PEFT's dense twin (the dequantised weights) is the reference."""
     from nf4_testing import dequantized_copy
 
     base = lora_ext.quantize_model(BASES["llama"]())
     dense = dequantized_copy(base)
-    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear")
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=use_dora)
     theirs = peft.get_peft_model(dense, peft.LoraConfig(**cfg))
     randomize_adapters(theirs)
     ours = lora_ext.get_peft_model(base, lora_ext.LoraConfig(**cfg))
