@@ -402,6 +402,19 @@ def test_cpu_autocast_is_fused_and_matches_peft(dtype, base_dtype, adapters, fus
     assert_matches_peft(ours, theirs, oracle, f"autocast {dtype}")
 
 
+def test_cpu_autocast_with_dropout_trains_through_the_fused_op(fused_calls):
+    """Dropout masks differ from PEFT's (another generator), so this checks the path, the
+    dtypes and that a mask was drawn: the fused op in bf16, fp32 adapter gradients."""
+    model = peft_model(dropout=0.1, autocast=True).train()
+    lora_ext.accelerate(model)
+    with DispatchCounter() as counter:
+        _, grads = _forward_backward_autocast(model, token_ids(), torch.bfloat16)
+    assert len(fused_calls) == 14 and all(call["training"] for call in fused_calls)
+    assert counter.dtypes["lora_linear_forward"] == {torch.bfloat16}
+    assert counter.counts["lora_linear_backward"] == 14
+    assert len(grads) == 28 and all(g.dtype == torch.float32 and g.isfinite().all() for g in grads.values())
+
+
 def test_hook_on_an_inner_module_falls_back_and_still_fires(fused_calls):
     model = peft_model()
     seen = []

@@ -3,9 +3,9 @@
 The first active adapter runs through the fused kernel (base GEMM, Philox dropout,
 A, B and scaling in one op that keeps only x and z = drop(x)·Aᵀ for backward), also under
 torch.autocast (the op's autocast rule) and with fp32 adapters over a half base (the op's
-mixed-dtype path, PEFT's arithmetic). Any further active adapters and mixed-batch calls
-take the plain PyTorch formulation PEFT uses, with the same numbers. Mixed batches (adapter_names)
-run through lora_ext.serving's adapter pool and the BGMV/SGMV kernels.
+mixed-dtype path, PEFT's arithmetic). Any further active adapters take the plain PyTorch
+formulation PEFT uses, with the same numbers. Mixed batches (adapter_names) run through
+lora_ext.serving's adapter pool and the BGMV/SGMV kernels.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ class Linear(nn.Module, LoraLayer):
         PEFT). Under autocast the op's autocast rule casts everything autocast would.
         """
         weight = self.base_layer.weight
-        if x.device != weight.device or weight.dtype not in SUPPORTED_DTYPES or x.dtype not in SUPPORTED_DTYPES:
+        if x.device != weight.device or not {x.dtype, weight.dtype} <= set(SUPPORTED_DTYPES):
             return False
         if autocast_active(x):
             tensors = [x, weight, *self.dora_factors(adapter)]
