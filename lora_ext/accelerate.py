@@ -6,10 +6,11 @@ forward. Nothing is copied or re-registered, so parameters (and optimizer refere
 them), state_dict keys and tensors, hooks and every PEFT method (merge, set_adapter,
 disable_adapter, save_pretrained, ...) keep working, and `restore` just switches back.
 
-The fused forward reproduces PEFT's Linear.forward. Whatever it does not cover (DoRA and
-other LoRA variants, lora_bias, adapter_names mixed batches, quantised or custom base
-layers, hooks on the inner modules, autocast, mixed dtypes such as a bf16 base with fp32
-adapters) runs PEFT's own forward, decided per call.
+The fused forward reproduces PEFT's Linear.forward, also under torch.autocast (the op's
+autocast rule) and with adapters of another dtype than the base (PEFT's fp32 adapters over
+a bf16/fp16 base: the op runs their branch in fp32, as PEFT). Whatever it does not cover
+(DoRA and other LoRA variants, lora_bias, adapter_names mixed batches, quantised or custom
+base layers, hooks on the inner modules) runs PEFT's own forward, decided per call.
 
 Dropout: PEFT's nn.Dropout draws a fresh mask per call from torch's RNG; the fused layer
 draws a fresh Philox seed per call from torch's default CPU generator (for inputs on any
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .ops._common import SUPPORTED_DTYPES
+from .ops._common import SUPPORTED_DTYPES, autocast_active, autocast_eligible
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +122,14 @@ def _adapter_reason(layer, name: str, dtype: torch.dtype, device: torch.device) 
     for t in (lora_A.weight, lora_B.weight):
         if not _plain_tensor(t):
             return "adapter weights that are not plain tensors"
-        if t.dtype != dtype:
-            return f"adapter dtype {t.dtype} differs from the base layer's {dtype}"
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"adapter dtype {t.dtype}"
         if t.device != device:
             return f"adapter on {t.device}, base layer on {device}"
+    if lora_A.weight.dtype != lora_B.weight.dtype:
+        return f"lora_A in {lora_A.weight.dtype} but lora_B in {lora_B.weight.dtype}"
+    # Adapters of another dtype than the base (PEFT's fp32 adapters over a half base) are
+    # fused: ops.lora_linear runs their branch in their dtype, as PEFT does.
     return None
 
 
@@ -169,16 +174,17 @@ class _FusedForward:
         (A, B, s, p, training), *others = adapters
         seed = _fresh_seed() if training and p > 0.0 else 0
         y = ops.lora_linear(x, weight, bias, A, B, s, p, seed, training=training)
+        result_dtype = y.dtype
         for A, B, s, p, training in others:
             # Further active adapters add their own term with an independent mask, as
-            # PEFT's separate nn.Dropout calls do; the base product is done once.
+            # PEFT's separate nn.Dropout calls do; the base product is done once. As in
+            # PEFT, x joins the adapter's dtype and the sum returns to the result's.
+            xd = x.to(A.dtype)
             if training and p > 0.0:
-                keep = ops.dropout_mask(x, p, _fresh_seed())
-                xd = x * keep.to(x.dtype) / (1.0 - p)
-            else:
-                xd = x
+                keep = ops.dropout_mask(xd, p, _fresh_seed())
+                xd = xd * keep.to(xd.dtype) / (1.0 - p)
             y = y + (xd @ A.t()) @ B.t() * s
-        return y
+        return y.to(result_dtype)
 
     def _fused_adapters(self, x, args, kwargs):
         """[(lora_A, lora_B, scaling, p, training)] of the active adapters when this call
@@ -187,13 +193,19 @@ class _FusedForward:
             return None  # adapter_names, alora_offsets or base-layer arguments
         if self.disable_adapters or self.merged or not isinstance(x, torch.Tensor):
             return None
-        if _global_hooks() or torch.is_autocast_enabled(x.device.type):
-            return None
-        if _static_reason(self) is not None:
+        if _global_hooks() or _static_reason(self) is not None:
             return None
         weight, _ = _base_weight_and_bias(self.base_layer)
-        if x.dtype != weight.dtype or x.device != weight.device or x.dim() < 1 \
-                or x.shape[-1] != weight.shape[1]:
+        if x.device != weight.device or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+            return None
+        if autocast_active(x):
+            # the op's autocast rule casts x, the base and the adapters to the autocast dtype,
+            # as autocast does for PEFT's nn.Linear modules
+            tensors = [x, weight] + [t.weight for name in self.active_adapters if name in self.lora_A
+                                     for t in (self.lora_A[name], self.lora_B[name])]
+            if not all(autocast_eligible(t) for t in tensors):
+                return None
+        elif x.dtype != weight.dtype:
             return None
         adapters = []
         for name in self.active_adapters:

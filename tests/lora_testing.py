@@ -19,12 +19,14 @@ never did (worst 0.85 of its bound).
 """
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_ext import ops, reference
 
@@ -234,3 +236,24 @@ def assert_matches_reference(inputs: LoraInputs, *, backward: bool = True, scali
         assert grads[name] is not None, f"no gradient for {name}"
         assert_within_torch_error(grads[name], grads_t[name], grads_o[name], grads_m[name],
                                   f"grad of {name}")
+
+
+# ---------------------------------------------------------------- which kernels ran
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts the lora_ext ops that reach their kernels (below autograd and autocast, so after
+    an autocast rule has cast the arguments), with the dtypes of their first argument:
+    proof of which path a forward or backward took."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+        self.dtypes: dict[str, set] = collections.defaultdict(set)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "lora_ext":
+            name = func.overloadpacket.__name__
+            self.counts[name] += 1
+            self.dtypes[name].add(args[0].dtype)
+        return func(*args, **(kwargs or {}))

@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 import lora_ext
 from lora_ext import ops, reference
 from lora_ext.accelerate import accelerated_layers, fused_lora_linear_class
-from lora_testing import assert_within_torch_error
+from lora_testing import DispatchCounter, assert_within_torch_error
 
 VOCAB, BATCH, SEQ = 128, 2, 8
 LAYERS_PER_BLOCK = {"llama": 7, "gpt2": 4}  # q,k,v,o,gate,up,down / c_attn,c_proj,c_fc,c_proj
@@ -336,13 +336,26 @@ def _assert_falls_back_bitwise(model, fused_calls, ids=None, **forward_kwargs):
     assert all(torch.equal(got[1][n], want[1][n]) for n in want[1])
 
 
-def test_bf16_base_with_fp32_adapters_falls_back_and_warns(fused_calls):
-    model = peft_model(dtype=torch.bfloat16, autocast=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("adapters", [("default",), ("default", "other")], ids=["one", "two"])
+def test_half_base_with_fp32_adapters_is_fused_and_matches_peft(dtype, adapters, fused_calls):
+    """PEFT's default autocast_adapter_dtype=True: fp32 adapters over a half base, no autocast.
+    The op runs the adapter branch in fp32 as PEFT does; gradients come in fp32."""
+    model = peft_model(dtype=dtype, autocast=True, adapters=adapters)
+    model.base_model.set_adapter(list(adapters))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.lora_A["default"].weight.dtype == torch.float32
-    with pytest.warns(UserWarning, match="14 of 14 LoRA layers will run PEFT's own forward"):
-        lora_ext.accelerate(lora_ext.restore(copy.deepcopy(model)))
-    _assert_falls_back_bitwise(model, fused_calls)
+    oracle_model = copy.deepcopy(model).double()
+    ids = token_ids()
+    theirs, oracle = forward_backward(model, ids), forward_backward(oracle_model, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: every layer is fused
+        lora_ext.accelerate(model)
+    ours = forward_backward(model, ids)
+    assert len(fused_calls) == 14
+    assert ours[0].dtype == theirs[0].dtype
+    assert all(g.dtype == torch.float32 for g in ours[1].values())
+    assert_matches_peft(ours, theirs, oracle, f"{dtype} base, fp32 adapters")
 
 
 def test_dora_falls_back(fused_calls):
@@ -353,10 +366,53 @@ def test_lora_bias_falls_back(fused_calls):
     _assert_falls_back_bitwise(peft_model("gpt2", lora_bias=True), fused_calls)
 
 
-def test_cpu_autocast_falls_back(fused_calls):
-    model = peft_model()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _assert_falls_back_bitwise(model, fused_calls)
+def _forward_backward_autocast(model, ids, dtype):
+    with torch.autocast("cpu", dtype=dtype):
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids).logits
+    (logits.float() * output_grad(torch.float32)).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+             if ("lora_A" in n or "lora_B" in n) and p.requires_grad}
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16], ids=["fp32_base", "bf16_base"])
+@pytest.mark.parametrize("adapters", [("default",), ("default", "other")], ids=["one", "two"])
+def test_cpu_autocast_is_fused_and_matches_peft(dtype, base_dtype, adapters, fused_calls):
+    """transformers' Trainer with bf16=True / fp16=True: the forward under torch.autocast, fp32
+    adapters (PEFT's default). The fused op runs in the autocast dtype (its autocast rule) and
+    the fp32 adapters get fp32 gradients, with PEFT's numbers by the tolerance rule."""
+    model = peft_model(dtype=base_dtype, autocast=True, adapters=adapters)
+    model.base_model.set_adapter(list(adapters))
+    model.train()
+    oracle_model = copy.deepcopy(model).double()
+    ids = token_ids()
+    theirs = _forward_backward_autocast(model, ids, dtype)
+    oracle = forward_backward(oracle_model, ids)
+    lora_ext.accelerate(model)
+    with DispatchCounter() as counter:
+        ours = _forward_backward_autocast(model, ids, dtype)
+    assert len(fused_calls) == 14
+    assert counter.counts["lora_linear_forward"] == 14  # the C++ op itself, not a fallback
+    assert counter.dtypes["lora_linear_forward"] == {dtype}  # ... in the autocast dtype
+    assert ours[0].dtype == theirs[0].dtype
+    for name, grad in ours[1].items():
+        assert grad.dtype == torch.float32, name
+    assert_matches_peft(ours, theirs, oracle, f"autocast {dtype}")
+
+
+def test_cpu_autocast_with_dropout_trains_through_the_fused_op(fused_calls):
+    """Dropout masks differ from PEFT's (another generator), so this checks the path, the
+    dtypes and that a mask was drawn: the fused op in bf16, fp32 adapter gradients."""
+    model = peft_model(dropout=0.1, autocast=True).train()
+    lora_ext.accelerate(model)
+    with DispatchCounter() as counter:
+        _, grads = _forward_backward_autocast(model, token_ids(), torch.bfloat16)
+    assert len(fused_calls) == 14 and all(call["training"] for call in fused_calls)
+    assert counter.dtypes["lora_linear_forward"] == {torch.bfloat16}
+    assert counter.counts["lora_linear_backward"] == 14
+    assert len(grads) == 28 and all(g.dtype == torch.float32 and g.isfinite().all() for g in grads.values())
 
 
 def test_hook_on_an_inner_module_falls_back_and_still_fires(fused_calls):

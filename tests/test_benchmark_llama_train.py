@@ -10,9 +10,13 @@ pytest.importorskip("transformers")
 
 def test_presets_match_the_spec():
     family = harness.get_family("llama_train")
-    (quick,) = family.cases("quick")
-    assert (quick.in_features, quick.tokens, quick.r, quick.dropout) == (256, 512, 16, 0.05)
-    assert dict(quick.extra) == {"layers": 2, "batch": 4}
+    plain, amp = family.cases("quick")
+    for quick in (plain, amp):
+        assert (quick.in_features, quick.tokens, quick.r, quick.dropout) == (256, 512, 16, 0.05)
+    assert dict(plain.extra) == {"layers": 2, "batch": 4}
+    # Trainer(bf16=True): an fp32 model trained under bf16 autocast with fp32 adapters
+    assert dict(amp.extra) == {"layers": 2, "batch": 4, "autocast": "bf16"}
+    assert plain.dtype == amp.dtype == "float32"
     full = family.cases("full")
     assert {c.in_features for c in full} == {512, 1024}
     assert all(dict(c.extra)["layers"] == 4 for c in full)
@@ -28,7 +32,13 @@ def test_training_step_runs_for_every_available_contestant():
     family = harness.get_family("llama_train")
     cases = family.cases("quick", features=64, tokens=32)
     doc = harness.run_benchmark(family, cases, "cpu", repeats=2, warmup=1, progress=False)
-    (res,) = doc["results"]
+    plain, amp = doc["results"]
+    assert amp["info"]["peft"]["adapter_dtypes"] == amp["info"]["lora_ext"]["adapter_dtypes"] == ["float32"]
+    for res in (plain, amp):
+        _check_result(res)
+
+
+def _check_result(res):
     measured = {"base", "peft", "peft_accelerated"}
     if hasattr(lora_ext, "get_peft_model"):
         measured.add("lora_ext")

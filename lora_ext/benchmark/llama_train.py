@@ -5,6 +5,11 @@ LoRA (r, alpha = 2r, dropout) on every linear projection (q, k, v, o, gate, up, 
 the model in train mode. The model is random-initialised from a LlamaConfig (no download):
 hidden size = Case.in_features, intermediate = 2 x hidden (rounded to a multiple of 64),
 head dim 64, Case.tokens = batch x sequence length.
+
+Autocast cases (extra "autocast": "bf16") train as transformers' Trainer does with bf16=True:
+forward and loss under torch.autocast(bfloat16), backward after it, the base model in the
+case's dtype and the adapters in fp32 (PEFT's default autocast_adapter_dtype=True; lora_ext
+keeps them in fp32 the same way).
 """
 from __future__ import annotations
 
@@ -30,8 +35,9 @@ class TrainInputs:
 
 
 def make_train_cases(features=(256,), tokens=512, dtypes=("float32",), ranks=16, dropouts=0.05,
-                     layers: int = 2, batch: int = 4) -> list[Case]:
-    """Grid of llama_train cases: features = hidden sizes, tokens = batch x seq."""
+                     layers: int = 2, batch: int = 4, autocasts=("off",)) -> list[Case]:
+    """Grid of llama_train cases: features = hidden sizes, tokens = batch x seq, autocasts =
+    "off" or an autocast dtype (bf16, fp16)."""
     def seq(v):
         return [v] if isinstance(v, (int, float, str)) else list(v)
     cases = []
@@ -43,10 +49,28 @@ def make_train_cases(features=(256,), tokens=512, dtypes=("float32",), ranks=16,
                     raise ValueError(f"llama_train: tokens ({t}) must be a multiple of the batch ({batch})")
                 for r in seq(ranks):
                     for p in seq(dropouts):
-                        cases.append(Case("llama_train", DTYPE_ALIASES.get(dtype, dtype), hidden, hidden,
-                                          int(t), int(r), float(p),
-                                          extra=(("layers", int(layers)), ("batch", int(batch)))))
+                        for amp in seq(autocasts):
+                            extra = (("layers", int(layers)), ("batch", int(batch)))
+                            if amp != "off":
+                                _AUTOCAST_DTYPES[amp]  # KeyError: not a known autocast dtype
+                                extra += (("autocast", amp),)
+                            cases.append(Case("llama_train", DTYPE_ALIASES.get(dtype, dtype), hidden,
+                                              hidden, int(t), int(r), float(p), extra=extra))
     return cases
+
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast_dtype(case: Case) -> torch.dtype | None:
+    amp = dict(case.extra).get("autocast")
+    return None if amp is None else _AUTOCAST_DTYPES[amp]
+
+
+def _autocast(case: Case, device: torch.device):
+    """The autocast region of a training step (forward and loss), off for plain cases."""
+    dtype = _autocast_dtype(case)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def _llama_config(case: Case):
@@ -96,7 +120,8 @@ def _training_runner(model, inp: TrainInputs, info: dict) -> Runner:
     ids, labels = inp.input_ids, inp.labels
 
     def step():
-        loss = model(input_ids=ids, labels=labels).loss
+        with _autocast(inp.case, inp.device):
+            loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -105,10 +130,12 @@ def _training_runner(model, inp: TrainInputs, info: dict) -> Runner:
     def forward():  # eval mode: no dropout, so every contestant computes the same logits
         model.eval()
         try:
-            return model(input_ids=ids).logits
+            with _autocast(inp.case, inp.device):
+                return model(input_ids=ids).logits
         finally:
             model.train()
-    info = dict(info, trainable_parameters=sum(p.numel() for p in params))
+    info = dict(info, trainable_parameters=sum(p.numel() for p in params),
+                adapter_dtypes=sorted({str(p.dtype).replace("torch.", "") for p in params}))
     return Runner(step, forward, info)
 
 
@@ -123,9 +150,10 @@ def _peft_available(device: torch.device) -> str | None:
 
 def _peft_model(inp: TrainInputs):
     import peft
-    # autocast_adapter_dtype=False: adapters in the model dtype, as for every contestant
+    # Plain cases: adapters in the model dtype, as for every contestant. Autocast cases: PEFT's
+    # default autocast_adapter_dtype=True (fp32 adapters), what a Trainer user runs.
     return peft.get_peft_model(_fresh_model(inp), peft.LoraConfig(**_lora_kwargs(inp.case)),
-                               autocast_adapter_dtype=False)
+                               autocast_adapter_dtype=_autocast_dtype(inp.case) is not None)
 
 
 def _build_peft(case: Case, inp: TrainInputs) -> Runner:
@@ -153,14 +181,16 @@ def _build_base(case: Case, inp: TrainInputs) -> Runner:
 
     def step():
         x = embed(ids).detach().requires_grad_(True)
-        loss = model(inputs_embeds=x, labels=labels).loss
+        with _autocast(case, inp.device):
+            loss = model(inputs_embeds=x, labels=labels).loss
         loss.backward()
         return loss
 
     def forward():
         model.eval()
         try:
-            return model(input_ids=ids).logits
+            with _autocast(case, inp.device):
+                return model(input_ids=ids).logits
         finally:
             model.train()
     return Runner(step, forward)
@@ -178,7 +208,8 @@ def _build_lora_ext(case: Case, inp: TrainInputs) -> Runner:
     and the same LoRA settings (field names as PEFT's LoraConfig)."""
     import lora_ext
     config = lora_ext.LoraConfig(**_lora_kwargs(case))
-    model = lora_ext.get_peft_model(_fresh_model(inp), config)
+    model = lora_ext.get_peft_model(_fresh_model(inp), config,
+                                    autocast_adapter_dtype=_autocast_dtype(case) is not None)
     return _training_runner(model, inp, {})
 
 
@@ -194,7 +225,9 @@ def _train_check(case: Case, inp: TrainInputs, name: str, logits: torch.Tensor) 
 
 
 def _train_tolerance(case: Case) -> float:
-    return {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2}.get(case.dtype, 5e-2)
+    amp = _autocast_dtype(case)
+    dtype = case.dtype if amp is None else str(amp).replace("torch.", "")
+    return {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2}.get(dtype, 5e-2)
 
 
 register_family(Family(
@@ -203,9 +236,9 @@ register_family(Family(
     measures="forward + loss + backward + AdamW step (train mode, LoRA dropout on)",
     presets={
         "quick": dict(features=256, tokens=512, dtypes=("float32",), ranks=16, dropouts=0.05,
-                      layers=2, batch=4),
+                      layers=2, batch=4, autocasts=("off", "bf16")),
         "full": dict(features=(512, 1024), tokens=2048, dtypes=("float32", "bfloat16"), ranks=16,
-                     dropouts=0.05, layers=4, batch=4),
+                     dropouts=0.05, layers=4, batch=4, autocasts=("off", "bf16")),
     },
     make_cases=make_train_cases,
     make_inputs=make_train_inputs,

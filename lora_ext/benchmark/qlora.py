@@ -45,7 +45,9 @@ def _quantized(inp: TrainInputs):
 
 def _build_lora_ext(case, inp: TrainInputs) -> Runner:
     import lora_ext
-    model = lora_ext.get_peft_model(_quantized(inp), lora_ext.LoraConfig(**_lora_kwargs(case)))
+    # adapters in the model dtype, as PEFT's contestants (autocast_adapter_dtype=False)
+    model = lora_ext.get_peft_model(_quantized(inp), lora_ext.LoraConfig(**_lora_kwargs(case)),
+                                    autocast_adapter_dtype=False)
     footprint = lora_ext.memory_footprint(model)
     return _training_runner(model, inp, {"nf4_bytes": footprint["nf4_bytes"],
                                          "nf4_params": footprint["nf4_params"]})
@@ -77,7 +79,8 @@ def _build_peft_bnb(case, inp: TrainInputs) -> Runner:
 
 def _build_dense(case, inp: TrainInputs) -> Runner:
     import lora_ext
-    model = lora_ext.get_peft_model(_fresh_model(inp), lora_ext.LoraConfig(**_lora_kwargs(case)))
+    model = lora_ext.get_peft_model(_fresh_model(inp), lora_ext.LoraConfig(**_lora_kwargs(case)),
+                                    autocast_adapter_dtype=False)
     return _training_runner(model, inp, {})
 
 

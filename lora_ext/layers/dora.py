@@ -57,8 +57,11 @@ class DoraMagnitude(nn.Module):
 def layer_weight_norm(layer, adapter: str) -> torch.Tensor:
     """fp32 ‖W + s·B·A‖ per output feature for the layer's adapter."""
     weight = layer.base_weight_out_in().detach()
-    lora_A, lora_B = (t.detach().to(weight.dtype) for t in layer.dora_factors(adapter))
-    return ops.dora_weight_norm(weight, lora_A, lora_B, layer.scaling[adapter])
+    lora_A, lora_B = layer.dora_factors(adapter)
+    # in the wider of the two dtypes: PEFT forms W + s·B·A in fp32 for fp32 adapters on a half base
+    dtype = torch.promote_types(weight.dtype, lora_A.dtype)
+    return ops.dora_weight_norm(weight.to(dtype), lora_A.detach().to(dtype), lora_B.detach().to(dtype),
+                                layer.scaling[adapter])
 
 
 def magnitude_scale(layer, adapter: str, dtype: torch.dtype) -> torch.Tensor:
@@ -74,10 +77,9 @@ def magnitude_scale(layer, adapter: str, dtype: torch.dtype) -> torch.Tensor:
 def dora_forward(layer, x: torch.Tensor, adapter: str, seed_fn) -> torch.Tensor:
     """Base output plus this DoRA adapter's contribution, in one fused op (Linear, Conv1D)."""
     weight = layer.base_weight_out_in()
-    dtype = weight.dtype
-    lora_A, lora_B = (t.to(dtype) for t in layer.dora_factors(adapter))
+    lora_A, lora_B = layer.dora_factors(adapter)  # fp32 over a half base: the op's mixed path
     magnitude_module = layer.lora_magnitude_vector[adapter]
-    magnitude = magnitude_module.weight.to(dtype)
+    magnitude = magnitude_module.weight
     dropout = layer.lora_dropout[adapter]
     p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
     training = layer.training and p > 0.0

@@ -1,10 +1,11 @@
 """LoRA on nn.Linear and on transformers' Conv1D (weight stored [in, out], fan_in_fan_out).
 
 The first active adapter runs through the fused kernel (base GEMM, Philox dropout,
-A, B and scaling in one op that keeps only x and z = drop(x)·Aᵀ for backward). Any
-further active adapters, autocast regions and mixed-batch calls take the plain
-PyTorch formulation PEFT uses, with the same numbers. Mixed batches (adapter_names)
-run through lora_ext.serving's adapter pool and the BGMV/SGMV kernels.
+A, B and scaling in one op that keeps only x and z = drop(x)·Aᵀ for backward), also under
+torch.autocast (the op's autocast rule) and with fp32 adapters over a half base (the op's
+mixed-dtype path, PEFT's arithmetic). Any further active adapters take the plain PyTorch
+formulation PEFT uses, with the same numbers. Mixed batches (adapter_names) run through
+lora_ext.serving's adapter pool and the BGMV/SGMV kernels.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import ops, serving
+from ..ops._common import SUPPORTED_DTYPES, autocast_active, autocast_eligible
 from . import dora
 from .base import LoraLayer
 
@@ -126,23 +128,30 @@ class Linear(nn.Module, LoraLayer):
         return result.to(result_dtype)
 
     def _can_fuse(self, x: torch.Tensor, adapter: str) -> bool:
+        """Whether ops.lora_linear / ops.dora_linear can stand in for PEFT's forward.
+
+        Outside autocast x must have the base weight's dtype (PEFT's base layer needs it too);
+        adapters of another dtype are fine (the op computes their branch in their dtype, as
+        PEFT). Under autocast the op's autocast rule casts everything autocast would.
+        """
         weight = self.base_layer.weight
-        return (x.dtype == weight.dtype
-                and weight.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-                and not torch.is_autocast_enabled(x.device.type) and x.device == weight.device)
+        if x.device != weight.device or not {x.dtype, weight.dtype} <= set(SUPPORTED_DTYPES):
+            return False
+        if autocast_active(x):
+            tensors = [x, weight, *self.dora_factors(adapter)]
+            if self.use_dora.get(adapter, False):
+                tensors.append(self.lora_magnitude_vector[adapter].weight)
+            return all(autocast_eligible(t) for t in tensors)
+        return x.dtype == weight.dtype
 
     def _fused_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        weight = self.base_weight_out_in()
-        dtype = weight.dtype
-        # Adapters kept in fp32 over a half-precision base (PEFT's autocast_adapter_dtype)
-        # join the fused GEMMs in the base dtype; autograd casts their gradients back.
-        lora_A = self.lora_A[adapter].weight.to(dtype)
-        lora_B = self.lora_B[adapter].weight.to(dtype)
+        # Adapters kept in fp32 over a half-precision base (PEFT's autocast_adapter_dtype) are
+        # passed as they are: the op runs their branch in fp32, as PEFT does.
         p = dropout_p(self.lora_dropout[adapter])
         training = self.training and p > 0.0
         seed = fresh_dropout_seed() if training else 0
-        return ops.lora_linear(x, weight, self.base_layer.bias, lora_A, lora_B, self.scaling[adapter],
-                               p, seed, training)
+        return ops.lora_linear(x, self.base_weight_out_in(), self.base_layer.bias, self.lora_A[adapter].weight,
+                               self.lora_B[adapter].weight, self.scaling[adapter], p, seed, training)
 
     def _adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """PEFT's unfused formulation: B(A(dropout(x)))·s in the adapter's dtype."""

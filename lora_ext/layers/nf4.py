@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nf4 import NF4Linear
+from ..ops._common import autocast_active, autocast_eligible
 from .linear import Linear, dropout_p, fresh_dropout_seed
 
 _MERGE_WARNING = "Merge lora module to 4-bit linear may get different generations due to rounding errors."
@@ -217,7 +218,15 @@ class Linear4bit(Linear):
     def _lora_output(self, x: Tensor, adapter: str) -> Tensor:
         p, seed = self._dropout_args(adapter)
         lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        if x.dtype != lora_A.dtype:  # autocast: the adapter joins x's dtype, as nn.Linear would
+        if autocast_active(x) and all(autocast_eligible(t) for t in (x, lora_A, lora_B)):
+            # As PEFT's nn.Linear adapters under autocast: x, A and B in the autocast dtype. The
+            # casts are autograd ops (fp32 adapters get fp32 gradients); autocast is off inside so
+            # that forward and backward of lora_delta see one dtype.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, lora_A, lora_B = x.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                return lora_delta(x, lora_A, lora_B, self.scaling[adapter], p, seed)
+        if x.dtype != lora_A.dtype:
             lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
         return lora_delta(x, lora_A, lora_B, self.scaling[adapter], p, seed)
 

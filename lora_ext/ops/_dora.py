@@ -6,7 +6,11 @@ from torch import Tensor
 
 from ._common import SUPPORTED_DTYPES as _SUPPORTED_DTYPES
 from ._common import check_dropout as _check_dropout
+from ._common import autocast_active as _autocast_active
+from ._common import autocast_eligible as _autocast_eligible
 from ._common import check_int as _check_int
+from ._common import register_autocast_rule as _register_autocast_rule
+from ._lora_linear import _dropped as _dropped_x
 from ._lora_linear import dropout_mask
 
 _ops = torch.ops.lora_ext
@@ -16,16 +20,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_tensors(op: str, named: dict, like_name: str) -> None:
+def _check_tensors(op: str, named: dict, like_name: str, same_dtype: bool = True) -> None:
     like = named[like_name]
     for name, t in named.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if like.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: {like_name} has dtype {like.dtype}; expected one of "
-                        f"{', '.join(str(d) for d in _SUPPORTED_DTYPES)}")
     for name, t in named.items():
-        if t.dtype != like.dtype:
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected one of "
+                            f"{', '.join(str(d) for d in _SUPPORTED_DTYPES)}")
+    for name, t in named.items():
+        if same_dtype and t.dtype != like.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but {like_name} has {like.dtype}; "
                             "all tensors must share one dtype")
         if t.device != like.device:
@@ -79,6 +84,9 @@ def _dora_weight_norm_backward(ctx, grad):
 
 torch.library.register_autograd("lora_ext::dora_weight_norm", _dora_weight_norm_backward,
                                 setup_context=lambda ctx, inputs, output: None)
+# The norm is an fp32 computation: under autocast nothing is cast and autocast is off beneath
+# it, so that the GEMM inside (W·Aᵀ) is not turned into a half-precision one.
+_register_autocast_rule("dora_weight_norm", ())
 
 
 # ---------------------------------------------------------------- DoRA linear
@@ -106,7 +114,7 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B, "magnitude": magnitude}
     if bias is not None:
         named["bias"] = bias
-    _check_tensors("dora_linear", named, "x")
+    mixed = _check_dora_dtypes(named)
     _check_factors("dora_linear", weight, lora_A, lora_B, scaling)
     out_features, in_features = weight.shape
     if in_features == 0:
@@ -124,17 +132,41 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     if not training:
         p = 0.0
     if weight_norm is None:
-        weight_norm = dora_weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(), scaling)
+        weight_norm = dora_weight_norm(*_norm_operands(weight, lora_A, lora_B), scaling)
     elif not isinstance(weight_norm, Tensor) or not weight_norm.dtype.is_floating_point:
         raise TypeError(f"dora_linear: weight_norm must be a floating-point Tensor or None, got "
                         f"{getattr(weight_norm, 'dtype', type(weight_norm).__name__)}")
     elif tuple(weight_norm.shape) != (out_features,) or weight_norm.device != x.device:
         raise ValueError(f"dora_linear: weight_norm must have shape [{out_features}] on {x.device}, "
                          f"got {tuple(weight_norm.shape)} on {weight_norm.device}")
-    y, _, _ = _ops.dora_linear_forward(x, weight, bias, lora_A, lora_B, magnitude, weight_norm.detach(),
-                                       float(scaling), p, _check_int("seed", seed),
-                                       _check_int("offset", offset))
+    args = (x, weight, bias, lora_A, lora_B, magnitude, weight_norm.detach(), float(scaling), p,
+            _check_int("seed", seed), _check_int("offset", offset))
+    y, _, _ = _MixedDoraLinear.apply(*args) if mixed else _ops.dora_linear_forward(*args)
     return y
+
+
+def _check_dora_dtypes(named: dict) -> bool:
+    """Raise on bad dtypes or devices; True when the adapters have another dtype than x."""
+    _check_tensors("dora_linear", named, "x", same_dtype=False)
+    x, lora_A = named["x"], named["lora_A"]
+    if _autocast_active(x) and all(_autocast_eligible(t) for t in named.values()):
+        return False  # the autocast rule casts them all
+    for name in ("weight", "bias"):
+        if name in named and named[name].dtype != x.dtype:
+            raise TypeError(f"dora_linear: {name} has dtype {named[name].dtype} but x has {x.dtype}; "
+                            "x, weight and bias must share one dtype")
+    for name in ("lora_B", "magnitude"):
+        if named[name].dtype != lora_A.dtype:
+            raise TypeError(f"dora_linear: lora_A has dtype {lora_A.dtype} but {name} has "
+                            f"{named[name].dtype}; lora_A, lora_B and magnitude must share one dtype")
+    return lora_A.dtype != x.dtype
+
+
+def _norm_operands(weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """W, A, B (detached) in the wider of the base's and the adapters' dtypes: PEFT forms
+    W + s·B·A in the adapters' dtype (fp32 adapters over a half base: in fp32)."""
+    dtype = torch.promote_types(weight.dtype, lora_A.dtype)
+    return tuple(t.detach().to(dtype) for t in (weight, lora_A, lora_B))
 
 
 @torch.library.register_fake("lora_ext::dora_linear_forward")
@@ -250,3 +282,98 @@ def _dora_linear_backward_differentiable(ctx, grad_y, x, weight, lora_A, lora_B,
 
 torch.library.register_autograd("lora_ext::dora_linear_forward", _dora_linear_backward,
                                 setup_context=_dora_linear_setup_context)
+# x, weight, bias, lora_A, lora_B and magnitude run in the autocast dtype; weight_norm (any
+# float dtype, fp32 as dora_weight_norm returns it) is left as it is.
+_register_autocast_rule("dora_linear_forward", (0, 1, 2, 3, 4, 5))
+
+
+# ---------------------------------------------------------------- adapters of another dtype
+
+
+def _mixed_terms(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, offset):
+    """PEFT's DoRA terms with the adapters in their own dtype: (base, d, z, hb, lora), with
+    base = x·Wᵀ + b in x's dtype, d = drop(x) and everything after it in the adapters' dtype."""
+    dtype = lora_A.dtype
+    base = torch.nn.functional.linear(x2d, weight, bias)
+    d = _dropped_x(x2d.to(dtype), dropout_p, seed, offset)
+    if dropout_p == 0.0:  # PEFT reuses the base output (less its bias) for the base term
+        hb = (base if bias is None else base - bias).to(dtype)
+    else:  # PEFT: base_noBias(drop(x)) with W cast to the adapters' dtype
+        hb = torch.nn.functional.linear(d, weight.to(dtype))
+    z = d @ lora_A.T
+    return base, d, z, hb, z @ lora_B.T
+
+
+class _MixedDoraLinear(torch.autograd.Function):
+    """dora_linear with lora_A, lora_B and magnitude in another dtype than x and the base
+    (PEFT's fp32 adapters over a half base, no autocast), with PEFT's arithmetic:
+
+        y = base(x) + (g - 1)·hb + g·s·(d·Aᵀ)·Bᵀ  in the adapters' dtype, rounded once to x's
+
+    (hb = base(x) - b without dropout, drop(x)·Wᵀ in the adapters' dtype with it). The
+    kernel takes one dtype; in bf16 the adapter gradients would lose 16 bits of precision
+    (outside the tolerance rule), hence this composition of ATen GEMMs and the kernel's
+    Philox mask. Saved: x, z (r columns) and hm = hb + s·z·Bᵀ (what g multiplies, as the
+    kernel saves it); drop(x) is regenerated in backward.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed,
+                offset):
+        x2d = x.reshape(-1, weight.shape[1])
+        base, _, z, hb, lora = _mixed_terms(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                            seed, offset)
+        g = _magnitude_scale(magnitude, weight_norm)
+        y = base.to(lora_A.dtype).addcmul_(hb, g - 1).addcmul_(lora, g * scaling).to(x.dtype)
+        hm = lora.mul_(scaling).add_(hb)
+        return y.view(*x.shape[:-1], weight.shape[0]), z, hm
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling, dropout_p, seed, offset = inputs
+        ctx.save_for_backward(x, output[1], output[2], weight, bias, lora_A, lora_B, magnitude,
+                              weight_norm)
+        ctx.scalars = (scaling, dropout_p, seed, offset)
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_z, _grad_hm):
+        x, z, hm, weight, bias, lora_A, lora_B, magnitude, weight_norm = ctx.saved_tensors
+        scaling, dropout_p, seed, offset = ctx.scalars
+        need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+        dtype = lora_A.dtype
+        x2d = x.reshape(-1, weight.shape[1])
+        g2d = grad_y.reshape(-1, weight.shape[0])
+        d = _dropped_x(x2d.to(dtype), dropout_p, seed, offset)
+        if torch.is_grad_enabled():  # create_graph=True: z and hm as functions of the inputs
+            _, d, z, hb, lora = _mixed_terms(x2d, weight, bias, lora_A, lora_B, scaling,
+                                             dropout_p, seed, offset)
+            hm = hb + scaling * lora
+        g = _magnitude_scale(magnitude, weight_norm)
+        gy = g2d.to(dtype)
+        gg = gy * g
+        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_m = None
+        if need_m:
+            grad_m = (gy * hm).sum(0) / weight_norm.detach().to(dtype)
+        if need_b:
+            grad_b = (gg.T @ z) * scaling
+        if need_x or need_a:
+            grad_z = (gg @ lora_B) * scaling
+            if need_a:
+                grad_a = grad_z.T @ d
+            if need_x:
+                if dropout_p == 0.0:
+                    grad_x = torch.addmm((grad_z @ lora_A).to(x.dtype), gg.to(x.dtype), weight)
+                else:
+                    branch = torch.addmm(grad_z @ lora_A, gy * (g - 1), weight.to(dtype))
+                    branch = _dropped_x(branch, dropout_p, seed, offset).to(x.dtype)
+                    grad_x = torch.addmm(branch, g2d, weight)
+                grad_x = grad_x.view(x.shape)
+        if need_w:
+            if dropout_p == 0.0:
+                grad_w = gg.to(x.dtype).T @ x2d
+            else:
+                grad_w = g2d.T @ x2d + ((gy * (g - 1)).T @ d).to(weight.dtype)
+        if need_bias:
+            grad_bias = g2d.sum(0)
+        return (grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None)

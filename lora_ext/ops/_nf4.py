@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..reference._nf4 import ABSMAX_BLOCKSIZES, DYNAMIC_CODE, NF4_BLOCKSIZES, NF4_CODE
+from ._common import autocast_active, autocast_eligible, register_autocast_rule
 
 _ops = torch.ops.lora_ext
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -199,7 +200,8 @@ def _check_matmul(op, x, packed, absmax, out_features, blocksize, bias) -> None:
                   f"a weight [{out_features}, {in_features}] (out_features, x.shape[-1])")
     if bias is not None:
         _check_tensor(op, "bias", bias)
-        if bias.dtype != x.dtype:
+        if bias.dtype != x.dtype and not (autocast_active(x) and autocast_eligible(x)
+                                          and autocast_eligible(bias)):
             raise TypeError(f"{op}: bias has dtype {bias.dtype} but x has {x.dtype}")
         if tuple(bias.shape) != (out_features,):
             raise ValueError(f"{op}: bias must have shape [{out_features}], got {tuple(bias.shape)}")
@@ -215,8 +217,9 @@ def nf4_matmul(x: Tensor, packed: Tensor, absmax: Tensor, out_features: int, blo
         W = nf4_dequantize(packed, absmax, (out_features, x.shape[-1]), blocksize, x.dtype)
         y = x @ W.T + bias
 
-    x [..., in] in fp32/fp16/bf16; y [..., out] in x's dtype. Differentiable with respect to
-    x and bias; backward recomputes from the packed weight (no dense copy is kept).
+    x [..., in] in fp32/fp16/bf16; y [..., out] in x's dtype (under torch.autocast: x and bias
+    in the autocast dtype, as F.linear there). Differentiable with respect to x and bias;
+    backward recomputes from the packed weight (no dense copy is kept).
     """
     _check_matmul("nf4_matmul", x, packed, absmax, out_features, blocksize, bias)
     return _ops.nf4_matmul(x, packed, absmax, out_features, blocksize, bias)
@@ -291,6 +294,8 @@ def _nf4_matmul_backward(ctx, grad_y):
 
 torch.library.register_autograd("lora_ext::nf4_matmul", _nf4_matmul_backward,
                                 setup_context=_nf4_matmul_setup_context)
+# x and bias run in the autocast dtype; the codes and fp32 absmax are left as they are.
+register_autocast_rule("nf4_matmul", (0, 5))
 
 
 def _nf4_grad_input_setup_context(ctx, inputs, output):
