@@ -212,6 +212,11 @@ class LoraModel(nn.Module):
             if self.peft_config:
                 raise ValueError("layer_replication can only be used for the first adapter of a model")
             replicate_layers(self.model, config.layer_replication)
+        biased = [name for name, other in self.peft_config.items() if other.bias != "none"]
+        if biased and config.bias != "none":
+            raise ValueError(f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, "
+                             f"set bias to 'none' for all adapters (adapter {biased[0]!r} already has "
+                             f"bias={self.peft_config[biased[0]].bias!r}).")
         resolve_all_linear(config, self.model)
         self.peft_config[adapter_name] = config
         matched = []
@@ -346,7 +351,8 @@ class LoraModel(nn.Module):
 
     # ---------------------------------------------------------------- adapter management
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate these adapters; they become trainable unless inference_mode (as PEFT)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             if name not in self.peft_config:
@@ -361,6 +367,17 @@ class LoraModel(nn.Module):
                 module.set_adapter(names[0]) if len(names) == 1 else module.set_adapter(names)
         self.active_adapter = names[0] if len(names) == 1 else names
         self._mark_only_adapters_as_trainable()
+        if inference_mode:
+            self.set_requires_grad(names, False)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch gradients of these adapters on or off in every layer (PEFT's set_requires_grad)."""
+        for module in self.model.modules():
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                module.set_requires_grad(adapter_names, requires_grad)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True  # LoRA is LoRA; PEFT asks this of every tuner
 
     def _set_adapter_layers(self, enabled: bool) -> None:
         for module in self.model.modules():
@@ -452,7 +469,8 @@ class LoraModel(nn.Module):
                     base = base.lora_ext_requantize()
                 self._replace(key, base)
             elif isinstance(module, ModulesToSaveWrapper):
-                self._replace(key, module._current() if merge else module.original_module)
+                # the active adapter's trained copy (e.g. a classifier head) stays, merged or not, as in PEFT
+                self._replace(key, module.unloaded_module())
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model

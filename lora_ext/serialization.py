@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from .layers import LoraLayer, ModulesToSaveWrapper
 
@@ -153,9 +154,14 @@ def load_adapter_file(directory: Path) -> dict[str, torch.Tensor]:
                      f"nor {WEIGHTS_NAME}")
 
 
-def set_peft_model_state_dict(peft_model: nn.Module, saved: dict[str, torch.Tensor], adapter_name: str,
-                              strict: bool = True) -> None:
-    """Copy a saved adapter into the model. Everything is checked before anything is written."""
+def set_peft_model_state_dict(peft_model: nn.Module, saved: dict[str, torch.Tensor], adapter_name: str = "default",
+                              strict: bool = True):
+    """Copy a saved adapter into the model. Everything is checked before anything is written.
+
+    Returns, as PEFT, torch's load result: `missing_keys` (model keys of this adapter that
+    the file lacks) and `unexpected_keys` (file keys the model lacks). With strict (the
+    default) either one raises ValueError instead and nothing is written.
+    """
     mapping = adapter_key_map(peft_model, adapter_name)
     state = peft_model.state_dict(keep_vars=True)
     missing = sorted(k for k in mapping if k not in saved)
@@ -183,3 +189,4 @@ def set_peft_model_state_dict(peft_model: nn.Module, saved: dict[str, torch.Tens
     with torch.no_grad():
         for param, tensor in targets:
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+    return _IncompatibleKeys(missing_keys=[mapping[k] for k in missing], unexpected_keys=unexpected)
