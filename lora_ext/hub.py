@@ -35,9 +35,8 @@ def _model_tags(peft_model: nn.Module) -> set[str]:
     except ImportError:
         pass
     tags.add("lora")
-    name = base.__dict__.get("name_or_path")
-    if name:
-        tags.add(f"base_model:adapter:{name}")
+    if hasattr(base, "name_or_path"):  # PEFT's test (so "" from a from-config model gives a bare tag too)
+        tags.add(f"base_model:adapter:{base.name_or_path}")
     return tags
 
 
@@ -53,7 +52,7 @@ def create_or_update_model_card(peft_model: nn.Module, output_dir: str | os.Path
         card.data.pipeline_tag = "text-generation"
     base_config = getattr(peft_model.get_base_model(), "config", None)
     base_name = getattr(base_config, "_name_or_path", None)
-    if base_name:
+    if base_name is not None:  # PEFT writes it whenever the config has one, "" included
         card.data["base_model"] = base_name
     lines = card.text.splitlines()
     quantization = getattr(base_config, "quantization_config", None)
