@@ -204,7 +204,7 @@ class LoraModel(nn.Module):
     def inject_adapter(self, config: LoraConfig, adapter_name: str) -> None:
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter with name {adapter_name!r} already exists; choose another adapter_name "
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists. Choose another adapter_name "
                              f"(existing: {sorted(self.peft_config)})")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a lora_ext.LoraConfig, got {type(config).__name__}")
@@ -299,9 +299,9 @@ class LoraModel(nn.Module):
             return Embedding(target, adapter_name, **kwargs)
         if isinstance(target, nn.Conv2d):
             return Conv2d(target, adapter_name, **kwargs)
-        raise ValueError(f"Target module {target} is not supported. Currently, only torch.nn.Linear, "
-                         "torch.nn.Embedding, torch.nn.Conv2d, transformers.pytorch_utils.Conv1D and "
-                         "lora_ext.NF4Linear are supported.")
+        raise ValueError(f"Target module {target} is not supported. Currently, only the following modules are "
+                         "supported: `torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv2d`, "
+                         "`transformers.pytorch_utils.Conv1D`, `lora_ext.NF4Linear` (and bitsandbytes `Linear4bit`).")
 
     def _add_modules_to_save(self, config: LoraConfig, adapter_name: str) -> None:
         if not config.modules_to_save:
@@ -356,7 +356,7 @@ class LoraModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             if name not in self.peft_config:
-                raise ValueError(f"Adapter {name!r} not found; existing adapters: {sorted(self.peft_config)}")
+                raise ValueError(f"Adapter {name} not found; existing adapters: {sorted(self.peft_config)}")
         for _, layer in self.lora_layers():
             if layer.merged:
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
@@ -410,9 +410,9 @@ class LoraModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist; existing adapters: {sorted(self.peft_config)}")
-        for _, layer in self.lora_layers():
-            if adapter_name in layer.merged_adapters:
-                raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")
+        if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                             "first.")
         del self.peft_config[adapter_name]
         self._remove_adapter_everywhere(adapter_name, unwrap=False)
         remaining = [n for n in self.active_adapters if n != adapter_name] or list(self.peft_config)[:1]
@@ -428,7 +428,7 @@ class LoraModel(nn.Module):
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         for name in names:
             if name not in self.peft_config:
-                raise ValueError(f"Adapter {name!r} not found; existing adapters: {sorted(self.peft_config)}")
+                raise ValueError(f"Adapter {name} not found; existing adapters: {sorted(self.peft_config)}")
         layers = [layer for _, layer in self.lora_layers()]
         if safe_merge:  # check every layer before touching any
             for layer in layers:
@@ -442,9 +442,11 @@ class LoraModel(nn.Module):
             layer.merge(safe_merge=False, adapter_names=names)
 
     def unmerge_adapter(self) -> None:
-        for _, layer in self.lora_layers():
-            if layer.merged:
-                layer.unmerge()
+        merged = [layer for _, layer in self.lora_layers() if layer.merged]
+        if not merged:
+            warnings.warn("Already unmerged. Nothing to do.")  # PEFT warns so (once per layer)
+        for layer in merged:
+            layer.unmerge()
 
     def _check_merge_allowed(self) -> None:
         if getattr(self.model, "quantization_method", None) == "gptq":

@@ -318,7 +318,7 @@ class PeftModel(nn.Module):
                      subfolder: str | None = None, **kwargs: Any):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter with name {adapter_name!r} already exists; choose another adapter_name "
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists. Choose another adapter_name "
                              f"(existing: {sorted(self.peft_config)})")
         directory = Path(model_id) / subfolder if subfolder else Path(model_id)
         config = LoraConfig.from_pretrained(directory)

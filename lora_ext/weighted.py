@@ -23,8 +23,10 @@ def _new_rank_and_targets(model, adapters, combination_type, svd_rank):
         if adapter not in configs:
             raise ValueError(f"Adapter {adapter} does not exist")
     wrappers = [m for m in model.model.modules() if isinstance(m, ModulesToSaveWrapper)]
-    if any(sum(a in w.modules_to_save for a in adapters) > 1 for w in wrappers):
-        raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save")
+    shared = sum(sum(a in w.modules_to_save for a in adapters) > 1 for w in wrappers)
+    if shared:
+        raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save, but "
+                         f"found {shared} such instance(s).")
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"Invalid combination_type: {combination_type!r}; lora-ext supports "
                          f"{', '.join(COMBINATION_TYPES)}")
@@ -33,7 +35,8 @@ def _new_rank_and_targets(model, adapters, combination_type, svd_rank):
              for c in (configs[a] for a in adapters)]
     if combination_type == "linear":
         if len(set(ranks)) != 1:
-            raise ValueError("All adapters must have the same r value when using combination_type linear.")
+            raise ValueError("All adapters must have the same r value when using combination_type linear, ties, "
+                             "dare_ties or dare_linear.")
         new_rank = ranks[0]
     elif combination_type == "cat":
         new_rank = sum(ranks)

@@ -295,3 +295,62 @@ def test_saved_model_card_names_the_library_and_base_like_peft(tmp_path):
     assert "lora-ext" in card.text
     ours.save_pretrained(tmp_path / "ours")  # an existing card is updated, not duplicated
     assert huggingface_hub.ModelCard.load(tmp_path / "ours" / "README.md").text.count("lora-ext") == 1
+
+
+# ---------------------------------------------------------------- PEFT's wording
+
+
+def _two_adapters(lib, **second):
+    model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(**CFG, modules_to_save=["lm_head"]))
+    model.add_adapter("b", lib.LoraConfig(**{**CFG, "modules_to_save": ["lm_head"], **second}))
+    return model
+
+
+def _merged_then_deleted(lib):
+    model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(**CFG))
+    model.merge_adapter()
+    model.delete_adapter("default")
+
+
+ERROR_CASES = {
+    "duplicate adapter": lambda lib: lib.get_peft_model(tiny_llama(), lib.LoraConfig(**CFG)).add_adapter(
+        "default", lib.LoraConfig(**CFG)),
+    "delete a merged adapter": _merged_then_deleted,
+    "unsupported target module": lambda lib: lib.get_peft_model(
+        tiny_llama(), lib.LoraConfig(r=4, target_modules=["input_layernorm"])),
+    "weighted linear with two ranks": lambda lib: _two_adapters(lib, r=8).add_weighted_adapter(
+        ["default", "b"], [1.0, 1.0], "x", combination_type="linear"),
+    "weighted over shared modules_to_save": lambda lib: _two_adapters(lib).add_weighted_adapter(
+        ["default", "b"], [1.0, 1.0], "x", combination_type="svd"),
+    "no adapter folder": lambda lib: lib.PeftModel.from_pretrained(tiny_llama(), "/nonexistent/adapter"),
+    "unknown initialisation": lambda lib: lib.get_peft_model(
+        tiny_llama(), lib.LoraConfig(**CFG, init_lora_weights="nope")),
+    "set an unknown adapter": lambda lib: lib.get_peft_model(tiny_llama(), lib.LoraConfig(**CFG)).set_adapter("x"),
+}
+
+
+def _peft_wording(message: str) -> str:
+    # PEFT lists its own module types after this point; ours lists ours
+    return message.split(" Currently, only the following")[0] + (
+        " Currently, only the following" if "Currently, only the following" in message else "")
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_error_texts_are_peft_s(case):
+    """The same exception type, and PEFT's sentence within ours (users and tests match on it)."""
+    raised = []
+    for lib in (peft, lora_ext):
+        with pytest.raises(Exception) as info:
+            ERROR_CASES[case](lib)
+        raised.append(info.value)
+    theirs, ours = raised
+    assert type(ours) is type(theirs)
+    assert _peft_wording(str(theirs)) in str(ours), (str(theirs), str(ours))
+
+
+def test_unmerging_an_unmerged_model_warns_as_peft():
+    for lib in (peft, lora_ext):
+        model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(**CFG))
+        with pytest.warns(UserWarning, match="Already unmerged. Nothing to do."):
+            warnings.simplefilter("always")
+            model.unmerge_adapter()

@@ -109,7 +109,8 @@ class LoraLayer:
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into this layer; unmerge it before deleting it")
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                             "first.")
         for attr in self.adapter_layer_names + self.other_param_names:
             table = getattr(self, attr)
             if adapter_name in table:
