@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from ._build_info import BUILD_INFO
+
 
 def _hub():
     try:
@@ -65,8 +67,7 @@ def create_or_update_model_card(peft_model: nn.Module, output_dir: str | os.Path
             lines.insert(lines.index(heading) + 2, text)
         else:
             lines.append(f"{heading}\n{text}")
-    from . import __version__
-    version_line, heading = f"- lora-ext {__version__}", "### Framework versions"
+    version_line, heading = f"- lora-ext {BUILD_INFO['version']}", "### Framework versions"
     if version_line not in lines:
         if heading in lines:
             lines.insert(lines.index(heading) + 2, version_line)

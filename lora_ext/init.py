@@ -26,6 +26,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .loftq import loftq_layer_init
+
 LAYER_KINDS = ("linear", "embedding", "conv2d")
 SVD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # init_lora_weights values PEFT has and this module does not (they need data or models).
@@ -176,7 +178,6 @@ def init_lora_weights(lora_A: Tensor, lora_B: Tensor, init, *, base_weight: Tens
         raise ValueError(f"init_lora_weights: {init!r} is not supported for conv2d layers "
                          "(PEFT raises 'Unknown initialization' too)")
     if method == "loftq":
-        from .loftq import loftq_layer_init
         new_base = loftq_layer_init(lora_A, lora_B, base_weight, r, float(scaling), fan_in_fan_out, loftq_config)
         return new_base.contiguous()
     return _svd_init(lora_A, lora_B, method, niter, base_weight, r, float(scaling), fan_in_fan_out)
@@ -226,72 +227,3 @@ def _svd_init(lora_A, lora_B, method, niter, base_weight, r, scaling, fan_in_fan
     _write(lora_A, A)
     _write(lora_B, B)
     return (residual.t() if fan_in_fan_out else residual).contiguous()
-
-
-# ---------------------------------------------------------------- PiSSA / OLoRA -> plain LoRA
-
-_CONVERTIBLE_INITS = ("pissa", "olora", "true")
-
-
-def convert_to_lora_state_dict(peft_model, adapter_name: str, state: dict[str, Tensor], config,
-                               path_initial_model_for_weight_conversion) -> tuple[dict[str, Tensor], object]:
-    """Turn a trained PiSSA/OLoRA adapter into a plain LoRA adapter for the ORIGINAL base.
-
-    PiSSA/OLoRA replaced W by W_res = W - s·B₀A₀, so the trained model computes
-    W_res + s·BA = W + s·(BA - B₀A₀). With A' = cat[A, A₀] (rows) and B' = cat[B, -B₀]
-    (columns), B'A' = BA - B₀A₀: a rank-2r LoRA adapter on W itself. Its config has
-    r' = 2r and alpha' = 2·alpha (alpha·√2 with rsLoRA) so the scaling is unchanged, and
-    init_lora_weights=True (loading it must not rewrite the base again); rank_pattern and
-    alpha_pattern are doubled. This is PEFT's documented `path_initial_model_for_weight_conversion`
-    path, and the numbers equal PEFT's. Like PEFT, the initial folder's config is rewritten
-    with init_lora_weights=True.
-
-    Where PEFT drops keys, we keep them: embedding adapters are converted the same way
-    (PEFT leaves them out, losing their training), and modules_to_save / bias tensors are
-    kept as they are (they never depended on the rewritten base weight).
-
-    `state` is the adapter's saved state (PEFT key names); `path_...` is the folder saved
-    right after initialisation, before training. Returns (state, config) to write.
-    """
-    import copy
-    from pathlib import Path
-
-    from .serialization import load_adapter_file
-
-    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
-        raise ValueError("Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported "
-                         "when using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`.")
-    if config.use_dora:
-        raise ValueError("path_initial_model_for_weight_conversion: a DoRA adapter cannot be converted to a plain "
-                         "LoRA adapter (its magnitude vector rescales the whole weight)")
-    if not any(str(config.init_lora_weights).lower().startswith(p) for p in _CONVERTIBLE_INITS):
-        warnings.warn("`path_initial_model_for_weight_conversion` only works for converting a PiSSA/OLoRA adapter "
-                      f"to a LoRA adapter; adapter {adapter_name!r} has init_lora_weights="
-                      f"{config.init_lora_weights!r}", stacklevel=3)
-    initial_path = Path(path_initial_model_for_weight_conversion)
-    initial_config = copy.deepcopy(config)
-    initial_config.init_lora_weights = True
-    initial = load_adapter_file(initial_path)  # before writing anything: a wrong folder fails cleanly
-    converted: dict[str, Tensor] = {}
-    for key, value in state.items():
-        dim = 0 if ("lora_A" in key or "lora_embedding_A" in key) else (
-            1 if ("lora_B" in key or "lora_embedding_B" in key) else None)
-        if dim is None:
-            converted[key] = value
-            continue
-        if key not in initial:
-            raise ValueError(f"path_initial_model_for_weight_conversion: {str(initial_path)!r} has no {key!r}; "
-                             "expected the adapter saved right after initialisation, before training")
-        start = initial[key].to(value.dtype)
-        if start.shape != value.shape:
-            raise ValueError(f"path_initial_model_for_weight_conversion: {key!r} has shape "
-                             f"{tuple(start.shape)} in {str(initial_path)!r} but {tuple(value.shape)} now")
-        converted[key] = torch.cat([value, start if dim == 0 else -start], dim=dim)
-    initial_config.save_pretrained(initial_path)
-    new_config = copy.deepcopy(config)
-    new_config.init_lora_weights = True
-    new_config.r *= 2
-    new_config.lora_alpha *= 2 ** 0.5 if config.use_rslora else 2
-    new_config.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
-    new_config.alpha_pattern = {k: 2 * v for k, v in config.alpha_pattern.items()}
-    return converted, new_config

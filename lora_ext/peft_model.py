@@ -20,7 +20,8 @@ from .config import LoraConfig, TaskType
 from .layers import LoraLayer
 from .model import LoraModel, check_adapter_name
 from .serialization import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_write_bytes,
-                            get_peft_model_state_dict, load_adapter_file, set_peft_model_state_dict)
+                            convert_to_lora_state_dict, get_peft_model_state_dict, load_adapter_file,
+                            set_peft_model_state_dict)
 from .weighted import add_weighted_adapter as _add_weighted_adapter
 
 # heads that PEFT trains in full (modules_to_save) for classification tasks
@@ -226,7 +227,7 @@ class PeftModel(nn.Module):
         path_initial_model_for_weight_conversion (PEFT's argument; `convert_pissa_to_lora` in
         older PEFT): the folder saved right after a PiSSA/OLoRA initialisation. The adapter is
         then written as a plain rank-2r LoRA adapter for the original, unmodified base model
-        (see init.convert_to_lora_state_dict).
+        (see serialization.convert_to_lora_state_dict).
         """
         legacy = kwargs.pop("convert_pissa_to_lora", None)
         if legacy is not None:
@@ -251,7 +252,6 @@ class PeftModel(nn.Module):
             output.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self, name).items()}
             if path_initial_model_for_weight_conversion is not None:
-                from .init import convert_to_lora_state_dict
                 state, config = convert_to_lora_state_dict(self, name, state, config,
                                                            path_initial_model_for_weight_conversion)
             if safe_serialization:
