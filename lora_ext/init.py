@@ -10,7 +10,8 @@ Two steps, as in PEFT's layers:
    for PiSSA and OLoRA, returns the new base weight, which the caller installs.
 
 Shapes: linear A [r, in], B [out, r]; embedding A [r, num_embeddings],
-B [embedding_dim, r]; conv2d A [r, in, kh, kw], B [out, r / groups, 1, 1].
+B [embedding_dim, r]; conv2d A [r, in, kh, kw], B [out, r / groups, 1, 1] (conv1d and conv3d
+alike with one and three kernel dimensions).
 
 Dtypes: PEFT initialises in fp32 and then casts the adapter to the base layer's dtype
 (and PeftModel upcasts bf16/fp16 adapters back to fp32 when autocast_adapter_dtype=True,
@@ -28,14 +29,15 @@ from torch import Tensor, nn
 
 from .loftq import loftq_layer_init
 
-LAYER_KINDS = ("linear", "embedding", "conv2d")
+LAYER_KINDS = ("linear", "embedding", "conv1d", "conv2d", "conv3d")
+_CONV_CLASSES = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
 SVD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # init_lora_weights values PEFT has and this module does not (they need data or models).
 UNSUPPORTED_INITS = ("corda", "eva", "mica", "orthogonal", "lora_ga")
 
 
 def create_lora_parameters(layer_kind: str, in_features: int, out_features: int, r: int, *,
-                           kernel_size=(1, 1), stride=1, padding=0, groups: int = 1,
+                           kernel_size=1, stride=1, padding=0, groups: int = 1,
                            lora_bias: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """(lora_A, lora_B, lora_B bias or None) as PEFT constructs them, before
     init_lora_weights: fp32 on the CPU, drawing from torch's default generator in PEFT's
@@ -55,8 +57,9 @@ def create_lora_parameters(layer_kind: str, in_features: int, out_features: int,
     else:
         if r % groups:
             raise ValueError(f"create_lora_parameters: r ({r}) must be divisible by groups ({groups})")
-        a = nn.Conv2d(in_features, r, kernel_size, stride, padding, bias=False)
-        b = nn.Conv2d(r, out_features, (1, 1), (1, 1), groups=groups, bias=lora_bias)
+        conv = _CONV_CLASSES[layer_kind]
+        a = conv(in_features, r, kernel_size, stride, padding, bias=False)
+        b = conv(r, out_features, 1, 1, groups=groups, bias=lora_bias)
     return a.weight.detach(), b.weight.detach(), (b.bias.detach() if lora_bias else None)
 
 
@@ -66,7 +69,7 @@ def _check_kind(layer_kind: str) -> None:
 
 
 def _check_shapes(lora_A: Tensor, lora_B: Tensor, r: int, layer_kind: str) -> None:
-    want_dim = 4 if layer_kind == "conv2d" else 2
+    want_dim = {"conv1d": 3, "conv2d": 4, "conv3d": 5}.get(layer_kind, 2)
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, Tensor):
             raise TypeError(f"init_lora_weights: {name} must be a Tensor, got {type(t).__name__}")
@@ -78,7 +81,7 @@ def _check_shapes(lora_A: Tensor, lora_B: Tensor, r: int, layer_kind: str) -> No
     if lora_A.shape[0] != r:
         raise ValueError(f"init_lora_weights: lora_A must have r = {r} rows, got shape "
                          f"{tuple(lora_A.shape)}")
-    if layer_kind != "conv2d" and lora_B.shape[1] != r:
+    if layer_kind not in _CONV_CLASSES and lora_B.shape[1] != r:
         raise ValueError(f"init_lora_weights: lora_B must have r = {r} columns, got shape "
                          f"{tuple(lora_B.shape)}")
 
@@ -127,8 +130,8 @@ def init_lora_weights(lora_A: Tensor, lora_B: Tensor, init, *, base_weight: Tens
                       loftq_config=None) -> Tensor | None:
     """Initialise lora_A and lora_B in place as PEFT 0.21 does for `init`.
 
-    init: True (linear/conv2d: A Kaiming-uniform with a = sqrt(5), B = 0; embedding: A = 0,
-    B standard normal), "gaussian" (linear/conv2d: A ~ N(0, 1/r^2), B = 0; embedding: as
+    init: True (linear/conv: A Kaiming-uniform with a = sqrt(5), B = 0; embedding: A = 0,
+    B standard normal), "gaussian" (linear/conv: A ~ N(0, 1/r^2), B = 0; embedding: as
     True, PEFT ignores the string there), False (nothing: A and B keep their construction
     values, see create_lora_parameters, so the adapter is not a no-op), "pissa" /
     "pissa_niter_<n>" and "olora" (linear only; need base_weight), "loftq" (linear only; needs
@@ -174,8 +177,8 @@ def init_lora_weights(lora_A: Tensor, lora_B: Tensor, init, *, base_weight: Tens
         if lora_B_bias is not None:  # method "default": PEFT allows no bias with "gaussian"
             _write(lora_B_bias, torch.zeros_like(lora_B_bias))
         return None
-    if layer_kind == "conv2d":
-        raise ValueError(f"init_lora_weights: {init!r} is not supported for conv2d layers "
+    if layer_kind in _CONV_CLASSES:
+        raise ValueError(f"init_lora_weights: {init!r} is not supported for {layer_kind} layers "
                          "(PEFT raises 'Unknown initialization' too)")
     if method == "loftq":
         new_base = loftq_layer_init(lora_A, lora_B, base_weight, r, float(scaling), fan_in_fan_out, loftq_config)

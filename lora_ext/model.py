@@ -17,7 +17,7 @@ from torch import nn
 
 from . import serving
 from .config import LoraConfig
-from .layers import Conv2d, Embedding, Linear, LoraLayer, ModulesToSaveWrapper
+from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, ModulesToSaveWrapper
 from .layers.nf4 import Linear4bit
 from .nf4 import NF4Linear, _is_bnb_linear4bit
 
@@ -297,11 +297,15 @@ class LoraModel(nn.Module):
             return Linear(target, adapter_name, fan_in_fan_out=False, **kwargs)
         if isinstance(target, nn.Embedding):
             return Embedding(target, adapter_name, **kwargs)
-        if isinstance(target, nn.Conv2d):
-            return Conv2d(target, adapter_name, **kwargs)
+        for conv, layer in ((nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d), (nn.Conv3d, Conv3d)):
+            if isinstance(target, conv):
+                if target.groups > 1:
+                    warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
+                return layer(target, adapter_name, **kwargs)
         raise ValueError(f"Target module {target} is not supported. Currently, only the following modules are "
-                         "supported: `torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv2d`, "
-                         "`transformers.pytorch_utils.Conv1D`, `lora_ext.NF4Linear` (and bitsandbytes `Linear4bit`).")
+                         "supported: `torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, "
+                         "`torch.nn.Conv3d`, `transformers.pytorch_utils.Conv1D`, `lora_ext.NF4Linear` (and "
+                         "bitsandbytes `Linear4bit`).")
 
     def _add_modules_to_save(self, config: LoraConfig, adapter_name: str) -> None:
         if not config.modules_to_save:

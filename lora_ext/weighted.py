@@ -12,7 +12,8 @@ from functools import reduce
 
 import torch
 
-from .layers import Conv2d, LoraLayer, ModulesToSaveWrapper
+from .layers import LoraLayer, ModulesToSaveWrapper
+from .layers.conv import _ConvNd
 
 COMBINATION_TYPES = ("linear", "cat", "svd")
 
@@ -108,9 +109,9 @@ def _svd(layer, adapters, weights, new_rank, target_A, target_B, clamp, full_mat
     is_embedding = any(a in layer.lora_embedding_A for a, _ in valid)
     deltas = [layer.get_delta_weight(a) for a, _ in valid]
     delta = _weighted_sum(deltas, torch.tensor([w for _, w in valid], device=deltas[0].device))
-    conv2d = isinstance(layer, Conv2d)
-    if conv2d:
-        delta = delta.squeeze() if layer.weight.shape[2:4] == (1, 1) else delta.flatten(start_dim=1)
+    conv = isinstance(layer, _ConvNd)
+    if conv:  # PEFT squeezes a 1x1 Conv2d kernel; flattening [out, in, k...] is the general case
+        delta = delta.squeeze() if layer.weight.shape[2:] == (1, 1) else delta.flatten(start_dim=1)
     if getattr(layer, "fan_in_fan_out", False) or is_embedding:
         delta = delta.T
     U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
@@ -119,7 +120,7 @@ def _svd(layer, adapters, weights, new_rank, target_A, target_B, clamp, full_mat
     if clamp is not None:
         hi = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
         U, Vh = U.clamp(-hi, hi), Vh.clamp(-hi, hi)
-    if conv2d:
+    if conv:
         U, Vh = U.reshape(target_B.shape), Vh.reshape(target_A.shape)
     return Vh, U
 
