@@ -2,10 +2,12 @@
 
 A saved lora-ext adapter is a PEFT adapter (same files), so the card says
 `library_name: peft` and the Hub offers PEFT's loading snippet for it. huggingface_hub
-is imported only here and only when used (it comes with transformers and peft).
+is imported only here and only when used (it comes with transformers and peft; without it
+save_pretrained writes no card).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -14,6 +16,10 @@ from typing import Any
 from torch import nn
 
 from ._build_info import BUILD_INFO
+
+
+def available() -> bool:
+    return importlib.util.find_spec("huggingface_hub") is not None
 
 
 def _hub():

@@ -245,7 +245,8 @@ class PeftModel(nn.Module):
         if not is_main_process:
             return
         directory.mkdir(parents=True, exist_ok=True)
-        self.create_or_update_model_card(directory)
+        if hub.available():  # the card is Hub metadata: no huggingface_hub, no card
+            self.create_or_update_model_card(directory)
         for name in names:
             config = self.peft_config[name]
             output = directory if name == "default" else directory / name

@@ -354,3 +354,11 @@ def test_unmerging_an_unmerged_model_warns_as_peft():
         with pytest.warns(UserWarning, match="Already unmerged. Nothing to do."):
             warnings.simplefilter("always")
             model.unmerge_adapter()
+
+
+def test_save_pretrained_without_huggingface_hub_writes_the_adapter_without_a_card(monkeypatch, tmp_path):
+    import lora_ext.hub
+    monkeypatch.setattr(lora_ext.hub, "available", lambda: False)
+    ours, _ = both(**CFG)
+    ours.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
