@@ -30,7 +30,11 @@ from .peft_model import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelF
                          PeftModelForSequenceClassification, PeftModelForTokenClassification, get_peft_model)
 from .serialization import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from .nf4 import NF4Linear, memory_footprint, quantize_model  # noqa: E402
-from .loftq import LoftQConfig, replace_lora_weights_loftq  # noqa: E402
+from .loftq import LoftQConfig  # noqa: E402
+from .loftq_model import replace_lora_weights_loftq  # noqa: E402
+from .peft_interop import register_layers_with_peft  # noqa: E402
+
+register_layers_with_peft()  # PEFT's own utilities see our layers (when peft is imported)
 
 __version__ = (Path(__file__).parent / "VERSION").read_text().strip()
 

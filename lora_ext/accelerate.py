@@ -5,6 +5,8 @@ FusedLoraLinear, a subclass of peft.tuners.lora.layer.Linear that only overrides
 forward. Nothing is copied or re-registered, so parameters (and optimizer references to
 them), state_dict keys and tensors, hooks and every PEFT method (merge, set_adapter,
 disable_adapter, save_pretrained, ...) keep working, and `restore` just switches back.
+PEFT's LoRA tuner (peft_model.base_model) is switched the same way, to AcceleratedLoraModel,
+whose inject_adapter swaps the layers that later add_adapter/load_adapter calls create.
 
 The fused forward reproduces PEFT's Linear.forward, also under torch.autocast (the op's
 autocast rule) and with adapters of another dtype than the base (PEFT's fp32 adapters over
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 _peft_classes: tuple | None = None
 _fused_class: type | None = None
+_tuner_classes: tuple[type, type] | None = None
 
 
 def _require_peft() -> tuple[type, type | None]:
@@ -236,6 +239,8 @@ def __getattr__(name: str):
     # `lora_ext.accelerate.FusedLoraLinear` (used by pickle to find the class again)
     if name == "FusedLoraLinear":
         return fused_lora_linear_class()
+    if name == "AcceleratedLoraModel":
+        return _accelerated_tuner_classes()[1]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -255,48 +260,116 @@ def accelerate(model: nn.Module) -> nn.Module:
     """Swap every peft.tuners.lora.layer.Linear in `model` for FusedLoraLinear, in place.
 
     The layers keep their parameters, buffers, state_dict and hooks; only their forward
-    changes. Returns `model`. Calling it again swaps only layers added since (none: a
-    no-op). Logs (logger "lora_ext.accelerate", INFO) how many layers were swapped and
-    warns about layers whose present configuration will run PEFT's forward. Subclasses of
+    changes. Returns `model`. Calling it again swaps only layers added since. PEFT's LoRA
+    tuner inside `model` (peft_model.base_model) is switched the same way, so that layers
+    a later add_adapter, load_adapter or add_weighted_adapter creates are swapped as they
+    are made. Logs (logger "lora_ext.accelerate", INFO) how many layers were swapped and
+    warns, reason by reason, about LoRA layers that will run PEFT's forward: in their
+    present configuration, or because their kind (Embedding, Conv, ...) is not fused. A
+    model with nothing to swap is returned unchanged, with that warning. Subclasses of
     PEFT's Linear (other tuners' layers) are left alone.
-
-    Raises ValueError when `model` holds no PEFT LoRA Linear layer at all.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"accelerate: expected a torch.nn.Module (e.g. a peft.PeftModel), "
                         f"got {type(model).__name__}")
-    plain, fused = _lora_linears(model)
-    if not plain and not fused:
-        raise ValueError("accelerate: the model has no peft.tuners.lora.layer.Linear layer; "
-                         "expected a model wrapped by peft.get_peft_model with a LoRA config "
-                         "targeting Linear (or transformers Conv1D) layers")
-    slow = {}
-    fused_cls = fused_lora_linear_class()
-    for name, module in plain:
-        module.__class__ = fused_cls
-    for name, module in plain + fused:
-        reason = _static_reason(module)
-        if reason is not None:
-            slow[name] = reason
-    logger.info("lora_ext.accelerate: swapped %d LoRA Linear layer(s) (%d already swapped)",
-                len(plain), len(fused))
-    if slow and plain:
-        examples = "; ".join(f"{n}: {r}" for n, r in list(slow.items())[:3])
-        warnings.warn(f"lora_ext.accelerate: {len(slow)} of {len(plain) + len(fused)} LoRA layers "
-                      f"will run PEFT's own forward in their present configuration ({examples}). "
-                      "For a bf16/fp16 base, pass autocast_adapter_dtype=False to "
-                      "peft.get_peft_model so the adapters share the base dtype.", stacklevel=2)
+    _switch_tuners(model, accelerated=True)
+    _swap_layers(model, stacklevel=3, report=True)
     return model
 
 
+def _swap_layers(model: nn.Module, stacklevel: int, report: bool) -> None:
+    """Swap the PEFT Linear layers not yet swapped; warn about what runs PEFT's forward when
+    asked to (report) or when new layers came in."""
+    plain, fused = _lora_linears(model)
+    fused_cls = fused_lora_linear_class()
+    for name, module in plain:
+        module.__class__ = fused_cls
+    logger.info("lora_ext.accelerate: swapped %d LoRA Linear layer(s) (%d already swapped)",
+                len(plain), len(fused))
+    if not (report or plain):
+        return  # no new layer from inject_adapter: what runs where was reported before
+    kinds = _unfused_kinds(model)
+    slow = {name: reason for name, module in plain + fused
+            if (reason := _static_reason(module)) is not None}
+    slow.update(kinds)
+    total = len(plain) + len(fused) + len(kinds)
+    if not plain and not fused:
+        warnings.warn("lora_ext.accelerate: nothing to swap: the model has no peft.tuners.lora.layer.Linear "
+                      "layer (lora_ext fuses LoRA on nn.Linear and transformers Conv1D layers of a model "
+                      "wrapped by peft.get_peft_model)" + (f"; {_describe(slow)}" if slow else ""),
+                      stacklevel=stacklevel)
+    elif slow:
+        warnings.warn(f"lora_ext.accelerate: {len(slow)} of {total} LoRA layers will run PEFT's own forward: "
+                      f"{_describe(slow)}", stacklevel=stacklevel)
+
+
+def _unfused_kinds(model: nn.Module) -> dict[str, str]:
+    """PEFT LoRA layers of kinds lora_ext does not fuse (Embedding, Conv, quantised, ...)."""
+    from peft.tuners.lora.layer import LoraLayer as PeftLoraLayer
+    peft_linear, _ = _require_peft()
+    return {name: f"a lora.{type(module).__name__} layer (fused: LoRA on nn.Linear and Conv1D)"
+            for name, module in model.named_modules()
+            if isinstance(module, PeftLoraLayer) and not isinstance(module, peft_linear)}
+
+
+def _describe(slow: dict[str, str], per_reason: int = 3) -> str:
+    """Each reason once, with the layers it applies to (a few named)."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in slow.items():
+        by_reason.setdefault(reason, []).append(name)
+    parts = []
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:per_reason]) + (f" and {len(names) - per_reason} more"
+                                                 if len(names) > per_reason else "")
+        parts.append(f"{reason} ({len(names)} layer{'s' * (len(names) > 1)}: {shown})")
+    text = "; ".join(parts)
+    if any("dtype" in reason for reason in by_reason):
+        text += (". For a bf16/fp16 base, pass autocast_adapter_dtype=False to peft.get_peft_model so "
+                 "the adapters share the base dtype.")
+    return text
+
+
+class _AcceleratedTuner:
+    """PEFT's LoraModel whose inject_adapter (behind add_adapter, load_adapter and
+    add_weighted_adapter) swaps the layers it creates. Never constructed: `accelerate`
+    switches the class of the model's existing tuner, `restore` switches it back."""
+
+    def inject_adapter(self, *args, **kwargs):
+        result = super().inject_adapter(*args, **kwargs)
+        _swap_layers(self.model, stacklevel=4, report=False)
+        return result
+
+
+def _accelerated_tuner_classes() -> tuple[type, type]:
+    """(peft.tuners.lora.model.LoraModel, AcceleratedLoraModel), created on first use."""
+    global _tuner_classes
+    if _tuner_classes is None:
+        _require_peft()
+        from peft.tuners.lora.model import LoraModel
+        accelerated = type("AcceleratedLoraModel", (_AcceleratedTuner, LoraModel),
+                           {"__module__": __name__, "__doc__": _AcceleratedTuner.__doc__})
+        _tuner_classes = (LoraModel, accelerated)
+    return _tuner_classes
+
+
+def _switch_tuners(model: nn.Module, accelerated: bool) -> None:
+    plain, switched = _accelerated_tuner_classes()
+    source, target = (plain, switched) if accelerated else (switched, plain)
+    for module in model.modules():
+        if type(module) is source:
+            module.__class__ = target
+
+
 def restore(model: nn.Module) -> nn.Module:
-    """Undo `accelerate`: every FusedLoraLinear in `model` becomes PEFT's Linear again.
+    """Undo `accelerate`: every FusedLoraLinear in `model` becomes PEFT's Linear again, and
+    its tuner PEFT's LoraModel.
 
     Returns `model`; a model with nothing swapped is returned unchanged.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"restore: expected a torch.nn.Module, got {type(model).__name__}")
     peft_cls, _ = _require_peft()
+    _switch_tuners(model, accelerated=False)
     _, fused = _lora_linears(model)
     for _, module in fused:
         module.__class__ = peft_cls

@@ -65,6 +65,7 @@ PASSIVE_FIELD_DEFAULTS: dict[str, Any] = {
 RUNTIME_FIELDS = ("runtime_config",)
 
 _INIT_CHOICES = "True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' or 'loftq'"
+_PEFT_ONLY_INITS = ("eva", "corda", "orthogonal", "lora_ga", "kasa", "mica")  # PEFT has them, lora-ext has not
 
 
 def _is_default_like(value: Any, default: Any) -> bool:
@@ -162,7 +163,10 @@ class LoraConfig:
         valid = init in (True, False) or init in ("gaussian", "pissa", "olora", "loftq") or (
             isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))
         if not valid:
-            raise ValueError(f"init_lora_weights={init!r} is not supported by lora-ext; expected {_INIT_CHOICES}")
+            # PEFT's own initialisations that lora-ext lacks are refused by name; others get PEFT's sentence
+            if isinstance(init, str) and init.split("_niter_")[0] in _PEFT_ONLY_INITS:
+                raise ValueError(f"init_lora_weights={init!r} is not supported by lora-ext; expected {_INIT_CHOICES}")
+            raise ValueError(f"Unknown initialization init_lora_weights={init!r}; expected {_INIT_CHOICES}")
         if init == "loftq":
             if not self.loftq_config:
                 raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
@@ -233,7 +237,7 @@ class LoraConfig:
         directory = Path(path) / subfolder if subfolder else Path(path)
         file = directory / CONFIG_NAME if directory.is_dir() else directory
         if not file.is_file():
-            raise ValueError(f"{str(directory)!r} is not a LoRA adapter: no {CONFIG_NAME} found there")
+            raise ValueError(f"Can't find '{CONFIG_NAME}' at '{str(directory)}'")  # PEFT's words
         try:
             values = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -10,7 +10,8 @@ Two steps, as in PEFT's layers:
    for PiSSA and OLoRA, returns the new base weight, which the caller installs.
 
 Shapes: linear A [r, in], B [out, r]; embedding A [r, num_embeddings],
-B [embedding_dim, r]; conv2d A [r, in, kh, kw], B [out, r / groups, 1, 1].
+B [embedding_dim, r]; conv2d A [r, in, kh, kw], B [out, r / groups, 1, 1] (conv1d and conv3d
+alike with one and three kernel dimensions).
 
 Dtypes: PEFT initialises in fp32 and then casts the adapter to the base layer's dtype
 (and PeftModel upcasts bf16/fp16 adapters back to fp32 when autocast_adapter_dtype=True,
@@ -26,14 +27,17 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-LAYER_KINDS = ("linear", "embedding", "conv2d")
+from .loftq import loftq_layer_init
+
+LAYER_KINDS = ("linear", "embedding", "conv1d", "conv2d", "conv3d")
+_CONV_CLASSES = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
 SVD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # init_lora_weights values PEFT has and this module does not (they need data or models).
 UNSUPPORTED_INITS = ("corda", "eva", "mica", "orthogonal", "lora_ga")
 
 
 def create_lora_parameters(layer_kind: str, in_features: int, out_features: int, r: int, *,
-                           kernel_size=(1, 1), stride=1, padding=0, groups: int = 1,
+                           kernel_size=1, stride=1, padding=0, groups: int = 1,
                            lora_bias: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """(lora_A, lora_B, lora_B bias or None) as PEFT constructs them, before
     init_lora_weights: fp32 on the CPU, drawing from torch's default generator in PEFT's
@@ -53,8 +57,9 @@ def create_lora_parameters(layer_kind: str, in_features: int, out_features: int,
     else:
         if r % groups:
             raise ValueError(f"create_lora_parameters: r ({r}) must be divisible by groups ({groups})")
-        a = nn.Conv2d(in_features, r, kernel_size, stride, padding, bias=False)
-        b = nn.Conv2d(r, out_features, (1, 1), (1, 1), groups=groups, bias=lora_bias)
+        conv = _CONV_CLASSES[layer_kind]
+        a = conv(in_features, r, kernel_size, stride, padding, bias=False)
+        b = conv(r, out_features, 1, 1, groups=groups, bias=lora_bias)
     return a.weight.detach(), b.weight.detach(), (b.bias.detach() if lora_bias else None)
 
 
@@ -64,7 +69,7 @@ def _check_kind(layer_kind: str) -> None:
 
 
 def _check_shapes(lora_A: Tensor, lora_B: Tensor, r: int, layer_kind: str) -> None:
-    want_dim = 4 if layer_kind == "conv2d" else 2
+    want_dim = {"conv1d": 3, "conv2d": 4, "conv3d": 5}.get(layer_kind, 2)
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, Tensor):
             raise TypeError(f"init_lora_weights: {name} must be a Tensor, got {type(t).__name__}")
@@ -76,7 +81,7 @@ def _check_shapes(lora_A: Tensor, lora_B: Tensor, r: int, layer_kind: str) -> No
     if lora_A.shape[0] != r:
         raise ValueError(f"init_lora_weights: lora_A must have r = {r} rows, got shape "
                          f"{tuple(lora_A.shape)}")
-    if layer_kind != "conv2d" and lora_B.shape[1] != r:
+    if layer_kind not in _CONV_CLASSES and lora_B.shape[1] != r:
         raise ValueError(f"init_lora_weights: lora_B must have r = {r} columns, got shape "
                          f"{tuple(lora_B.shape)}")
 
@@ -125,8 +130,8 @@ def init_lora_weights(lora_A: Tensor, lora_B: Tensor, init, *, base_weight: Tens
                       loftq_config=None) -> Tensor | None:
     """Initialise lora_A and lora_B in place as PEFT 0.21 does for `init`.
 
-    init: True (linear/conv2d: A Kaiming-uniform with a = sqrt(5), B = 0; embedding: A = 0,
-    B standard normal), "gaussian" (linear/conv2d: A ~ N(0, 1/r^2), B = 0; embedding: as
+    init: True (linear/conv: A Kaiming-uniform with a = sqrt(5), B = 0; embedding: A = 0,
+    B standard normal), "gaussian" (linear/conv: A ~ N(0, 1/r^2), B = 0; embedding: as
     True, PEFT ignores the string there), False (nothing: A and B keep their construction
     values, see create_lora_parameters, so the adapter is not a no-op), "pissa" /
     "pissa_niter_<n>" and "olora" (linear only; need base_weight), "loftq" (linear only; needs
@@ -172,11 +177,10 @@ def init_lora_weights(lora_A: Tensor, lora_B: Tensor, init, *, base_weight: Tens
         if lora_B_bias is not None:  # method "default": PEFT allows no bias with "gaussian"
             _write(lora_B_bias, torch.zeros_like(lora_B_bias))
         return None
-    if layer_kind == "conv2d":
-        raise ValueError(f"init_lora_weights: {init!r} is not supported for conv2d layers "
+    if layer_kind in _CONV_CLASSES:
+        raise ValueError(f"init_lora_weights: {init!r} is not supported for {layer_kind} layers "
                          "(PEFT raises 'Unknown initialization' too)")
     if method == "loftq":
-        from .loftq import loftq_layer_init
         new_base = loftq_layer_init(lora_A, lora_B, base_weight, r, float(scaling), fan_in_fan_out, loftq_config)
         return new_base.contiguous()
     return _svd_init(lora_A, lora_B, method, niter, base_weight, r, float(scaling), fan_in_fan_out)
@@ -226,72 +230,3 @@ def _svd_init(lora_A, lora_B, method, niter, base_weight, r, scaling, fan_in_fan
     _write(lora_A, A)
     _write(lora_B, B)
     return (residual.t() if fan_in_fan_out else residual).contiguous()
-
-
-# ---------------------------------------------------------------- PiSSA / OLoRA -> plain LoRA
-
-_CONVERTIBLE_INITS = ("pissa", "olora", "true")
-
-
-def convert_to_lora_state_dict(peft_model, adapter_name: str, state: dict[str, Tensor], config,
-                               path_initial_model_for_weight_conversion) -> tuple[dict[str, Tensor], object]:
-    """Turn a trained PiSSA/OLoRA adapter into a plain LoRA adapter for the ORIGINAL base.
-
-    PiSSA/OLoRA replaced W by W_res = W - s·B₀A₀, so the trained model computes
-    W_res + s·BA = W + s·(BA - B₀A₀). With A' = cat[A, A₀] (rows) and B' = cat[B, -B₀]
-    (columns), B'A' = BA - B₀A₀: a rank-2r LoRA adapter on W itself. Its config has
-    r' = 2r and alpha' = 2·alpha (alpha·√2 with rsLoRA) so the scaling is unchanged, and
-    init_lora_weights=True (loading it must not rewrite the base again); rank_pattern and
-    alpha_pattern are doubled. This is PEFT's documented `path_initial_model_for_weight_conversion`
-    path, and the numbers equal PEFT's. Like PEFT, the initial folder's config is rewritten
-    with init_lora_weights=True.
-
-    Where PEFT drops keys, we keep them: embedding adapters are converted the same way
-    (PEFT leaves them out, losing their training), and modules_to_save / bias tensors are
-    kept as they are (they never depended on the rewritten base weight).
-
-    `state` is the adapter's saved state (PEFT key names); `path_...` is the folder saved
-    right after initialisation, before training. Returns (state, config) to write.
-    """
-    import copy
-    from pathlib import Path
-
-    from .serialization import load_adapter_file
-
-    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
-        raise ValueError("Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported "
-                         "when using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`.")
-    if config.use_dora:
-        raise ValueError("path_initial_model_for_weight_conversion: a DoRA adapter cannot be converted to a plain "
-                         "LoRA adapter (its magnitude vector rescales the whole weight)")
-    if not any(str(config.init_lora_weights).lower().startswith(p) for p in _CONVERTIBLE_INITS):
-        warnings.warn("`path_initial_model_for_weight_conversion` only works for converting a PiSSA/OLoRA adapter "
-                      f"to a LoRA adapter; adapter {adapter_name!r} has init_lora_weights="
-                      f"{config.init_lora_weights!r}", stacklevel=3)
-    initial_path = Path(path_initial_model_for_weight_conversion)
-    initial_config = copy.deepcopy(config)
-    initial_config.init_lora_weights = True
-    initial = load_adapter_file(initial_path)  # before writing anything: a wrong folder fails cleanly
-    converted: dict[str, Tensor] = {}
-    for key, value in state.items():
-        dim = 0 if ("lora_A" in key or "lora_embedding_A" in key) else (
-            1 if ("lora_B" in key or "lora_embedding_B" in key) else None)
-        if dim is None:
-            converted[key] = value
-            continue
-        if key not in initial:
-            raise ValueError(f"path_initial_model_for_weight_conversion: {str(initial_path)!r} has no {key!r}; "
-                             "expected the adapter saved right after initialisation, before training")
-        start = initial[key].to(value.dtype)
-        if start.shape != value.shape:
-            raise ValueError(f"path_initial_model_for_weight_conversion: {key!r} has shape "
-                             f"{tuple(start.shape)} in {str(initial_path)!r} but {tuple(value.shape)} now")
-        converted[key] = torch.cat([value, start if dim == 0 else -start], dim=dim)
-    initial_config.save_pretrained(initial_path)
-    new_config = copy.deepcopy(config)
-    new_config.init_lora_weights = True
-    new_config.r *= 2
-    new_config.lora_alpha *= 2 ** 0.5 if config.use_rslora else 2
-    new_config.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
-    new_config.alpha_pattern = {k: 2 * v for k, v in config.alpha_pattern.items()}
-    return converted, new_config

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import serving
 from .config import LoraConfig
-from .layers import Conv2d, Embedding, Linear, LoraLayer, ModulesToSaveWrapper
+from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, ModulesToSaveWrapper
 from .layers.nf4 import Linear4bit
 from .nf4 import NF4Linear, _is_bnb_linear4bit
 
@@ -204,7 +204,7 @@ class LoraModel(nn.Module):
     def inject_adapter(self, config: LoraConfig, adapter_name: str) -> None:
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter with name {adapter_name!r} already exists; choose another adapter_name "
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists. Choose another adapter_name "
                              f"(existing: {sorted(self.peft_config)})")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a lora_ext.LoraConfig, got {type(config).__name__}")
@@ -212,6 +212,11 @@ class LoraModel(nn.Module):
             if self.peft_config:
                 raise ValueError("layer_replication can only be used for the first adapter of a model")
             replicate_layers(self.model, config.layer_replication)
+        biased = [name for name, other in self.peft_config.items() if other.bias != "none"]
+        if biased and config.bias != "none":
+            raise ValueError(f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, "
+                             f"set bias to 'none' for all adapters (adapter {biased[0]!r} already has "
+                             f"bias={self.peft_config[biased[0]].bias!r}).")
         resolve_all_linear(config, self.model)
         self.peft_config[adapter_name] = config
         matched = []
@@ -292,11 +297,15 @@ class LoraModel(nn.Module):
             return Linear(target, adapter_name, fan_in_fan_out=False, **kwargs)
         if isinstance(target, nn.Embedding):
             return Embedding(target, adapter_name, **kwargs)
-        if isinstance(target, nn.Conv2d):
-            return Conv2d(target, adapter_name, **kwargs)
-        raise ValueError(f"Target module {target} is not supported. Currently, only torch.nn.Linear, "
-                         "torch.nn.Embedding, torch.nn.Conv2d, transformers.pytorch_utils.Conv1D and "
-                         "lora_ext.NF4Linear are supported.")
+        for conv, layer in ((nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d), (nn.Conv3d, Conv3d)):
+            if isinstance(target, conv):
+                if target.groups > 1:
+                    warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
+                return layer(target, adapter_name, **kwargs)
+        raise ValueError(f"Target module {target} is not supported. Currently, only the following modules are "
+                         "supported: `torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, "
+                         "`torch.nn.Conv3d`, `transformers.pytorch_utils.Conv1D`, `lora_ext.NF4Linear` (and "
+                         "bitsandbytes `Linear4bit`).")
 
     def _add_modules_to_save(self, config: LoraConfig, adapter_name: str) -> None:
         if not config.modules_to_save:
@@ -346,11 +355,12 @@ class LoraModel(nn.Module):
 
     # ---------------------------------------------------------------- adapter management
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate these adapters; they become trainable unless inference_mode (as PEFT)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             if name not in self.peft_config:
-                raise ValueError(f"Adapter {name!r} not found; existing adapters: {sorted(self.peft_config)}")
+                raise ValueError(f"Adapter {name} not found; existing adapters: {sorted(self.peft_config)}")
         for _, layer in self.lora_layers():
             if layer.merged:
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
@@ -361,6 +371,17 @@ class LoraModel(nn.Module):
                 module.set_adapter(names[0]) if len(names) == 1 else module.set_adapter(names)
         self.active_adapter = names[0] if len(names) == 1 else names
         self._mark_only_adapters_as_trainable()
+        if inference_mode:
+            self.set_requires_grad(names, False)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch gradients of these adapters on or off in every layer (PEFT's set_requires_grad)."""
+        for module in self.model.modules():
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                module.set_requires_grad(adapter_names, requires_grad)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True  # LoRA is LoRA; PEFT asks this of every tuner
 
     def _set_adapter_layers(self, enabled: bool) -> None:
         for module in self.model.modules():
@@ -393,9 +414,9 @@ class LoraModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist; existing adapters: {sorted(self.peft_config)}")
-        for _, layer in self.lora_layers():
-            if adapter_name in layer.merged_adapters:
-                raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")
+        if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                             "first.")
         del self.peft_config[adapter_name]
         self._remove_adapter_everywhere(adapter_name, unwrap=False)
         remaining = [n for n in self.active_adapters if n != adapter_name] or list(self.peft_config)[:1]
@@ -411,7 +432,7 @@ class LoraModel(nn.Module):
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         for name in names:
             if name not in self.peft_config:
-                raise ValueError(f"Adapter {name!r} not found; existing adapters: {sorted(self.peft_config)}")
+                raise ValueError(f"Adapter {name} not found; existing adapters: {sorted(self.peft_config)}")
         layers = [layer for _, layer in self.lora_layers()]
         if safe_merge:  # check every layer before touching any
             for layer in layers:
@@ -425,9 +446,11 @@ class LoraModel(nn.Module):
             layer.merge(safe_merge=False, adapter_names=names)
 
     def unmerge_adapter(self) -> None:
-        for _, layer in self.lora_layers():
-            if layer.merged:
-                layer.unmerge()
+        merged = [layer for _, layer in self.lora_layers() if layer.merged]
+        if not merged:
+            warnings.warn("Already unmerged. Nothing to do.")  # PEFT warns so (once per layer)
+        for layer in merged:
+            layer.unmerge()
 
     def _check_merge_allowed(self) -> None:
         if getattr(self.model, "quantization_method", None) == "gptq":
@@ -452,7 +475,8 @@ class LoraModel(nn.Module):
                     base = base.lora_ext_requantize()
                 self._replace(key, base)
             elif isinstance(module, ModulesToSaveWrapper):
-                self._replace(key, module._current() if merge else module.original_module)
+                # the active adapter's trained copy (e.g. a classifier head) stays, merged or not, as in PEFT
+                self._replace(key, module.unloaded_module())
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model

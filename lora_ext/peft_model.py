@@ -15,11 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hub, status
 from .config import LoraConfig, TaskType
 from .layers import LoraLayer
 from .model import LoraModel, check_adapter_name
 from .serialization import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, atomic_save_safetensors, atomic_write_bytes,
-                            get_peft_model_state_dict, load_adapter_file, set_peft_model_state_dict)
+                            convert_to_lora_state_dict, get_peft_model_state_dict, load_adapter_file,
+                            set_peft_model_state_dict)
 from .weighted import add_weighted_adapter as _add_weighted_adapter
 
 # heads that PEFT trains in full (modules_to_save) for classification tasks
@@ -34,14 +36,21 @@ class PeftModel(nn.Module):
                  autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         self._prepare_config(peft_config, model)
+        self.peft_type = peft_config.peft_type
+        # what PEFT's own functions (peft.utils.get_peft_model_state_dict, ...) and transformers read
+        self._is_prompt_learning = False
+        self.special_peft_forward_args = {"adapter_names"}
+        self._adapters_disabled = False
         self.base_model = LoraModel(model, peft_config, adapter_name)
         if autocast_adapter_dtype:
             self._cast_adapter_dtype(adapter_name)
         checkpointing = getattr(model, "is_activation_checkpointing", None)
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
-        if checkpointing and hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        if checkpointing:
+            self.prepare_model_for_gradient_checkpointing(model)
+        if hasattr(getattr(model, "config", None), "pretraining_tp"):
+            model.config.pretraining_tp = 1  # as PEFT: the simulated tensor-parallel split changes the numbers
 
     def _prepare_config(self, config: LoraConfig, model: nn.Module) -> None:
         if not isinstance(config, LoraConfig):
@@ -88,6 +97,40 @@ class PeftModel(nn.Module):
     def active_peft_config(self) -> LoraConfig:
         return self.peft_config[self.active_adapters[0]]
 
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False inside disable_adapter() (PEFT's rule: also True when no adapter is active)."""
+        return not self._adapters_disabled or not self.active_adapters
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """Every module name trained in full by some adapter, None if there is none (as PEFT)."""
+        names = {name for config in self.peft_config.values() for name in (config.modules_to_save or [])}
+        return names or None
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        return getattr(self.base_model, "dtype", None)
+
+    def get_layer_status(self) -> list[status.TunerLayerStatus]:
+        """One status per LoRA layer and modules_to_save wrapper (PEFT's fields)."""
+        return status.get_layer_status(self)
+
+    def get_model_status(self) -> status.TunerModelStatus:
+        """The model's adapters summed up; "irregular" where layers disagree (PEFT's fields)."""
+        return status.get_model_status(self)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return self.base_model.supports_lora_conversion(adapter_name)
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Checkpointed blocks need an input that requires grad; the base model's inputs get one."""
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        elif hasattr(model, "get_input_embeddings"):
+            model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+        return model
+
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
@@ -124,10 +167,12 @@ class PeftModel(nn.Module):
     def disable_adapter(self):
         """Run the base model alone inside the block (merged adapters are unmerged first)."""
         self.base_model.disable_adapter_layers()
+        was_disabled, self._adapters_disabled = self._adapters_disabled, True
         try:
             yield
         finally:
             self.base_model.enable_adapter_layers()
+            self._adapters_disabled = was_disabled
 
     # ---------------------------------------------------------------- adapters
 
@@ -138,10 +183,15 @@ class PeftModel(nn.Module):
         if autocast_adapter_dtype:
             self._cast_adapter_dtype(adapter_name)
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Activate this adapter; it becomes trainable unless inference_mode (as PEFT)."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} not found.")
-        self.base_model.set_adapter(adapter_name)
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch gradients of the given adapters on or off (PEFT's set_requires_grad)."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -177,7 +227,7 @@ class PeftModel(nn.Module):
         path_initial_model_for_weight_conversion (PEFT's argument; `convert_pissa_to_lora` in
         older PEFT): the folder saved right after a PiSSA/OLoRA initialisation. The adapter is
         then written as a plain rank-2r LoRA adapter for the original, unmodified base model
-        (see init.convert_to_lora_state_dict).
+        (see serialization.convert_to_lora_state_dict).
         """
         legacy = kwargs.pop("convert_pissa_to_lora", None)
         if legacy is not None:
@@ -194,13 +244,15 @@ class PeftModel(nn.Module):
                              f"are {list(self.peft_config)} - got {unknown}.")
         if not is_main_process:
             return
+        directory.mkdir(parents=True, exist_ok=True)
+        if hub.available():  # the card is Hub metadata: no huggingface_hub, no card
+            self.create_or_update_model_card(directory)
         for name in names:
             config = self.peft_config[name]
             output = directory if name == "default" else directory / name
             output.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self, name).items()}
             if path_initial_model_for_weight_conversion is not None:
-                from .init import convert_to_lora_state_dict
                 state, config = convert_to_lora_state_dict(self, name, state, config,
                                                            path_initial_model_for_weight_conversion)
             if safe_serialization:
@@ -222,6 +274,21 @@ class PeftModel(nn.Module):
                 config.save_pretrained(output, auto_mapping_dict=auto_mapping)
             finally:
                 config.inference_mode = inference_mode
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
+        """README.md with the Hub metadata of a PEFT adapter (written by save_pretrained, as PEFT)."""
+        hub.create_or_update_model_card(self, output_dir)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+                    create_pr: bool = False, max_shard_size: int | str | None = "50GB",
+                    tags: list[str] | None = None, **kwargs: Any):
+        """Upload the saved adapters to the Hub repository repo_id (created if needed), as one
+        commit; returns huggingface_hub's CommitInfo. max_shard_size is accepted for
+        PEFT's signature: an adapter is one file. Other keyword arguments go to save_pretrained."""
+        return hub.push_to_hub(self, repo_id, commit_message=commit_message, commit_description=commit_description,
+                               private=private, token=token, revision=revision, create_pr=create_pr, tags=tags,
+                               **kwargs)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -252,7 +319,7 @@ class PeftModel(nn.Module):
                      subfolder: str | None = None, **kwargs: Any):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter with name {adapter_name!r} already exists; choose another adapter_name "
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists. Choose another adapter_name "
                              f"(existing: {sorted(self.peft_config)})")
         directory = Path(model_id) / subfolder if subfolder else Path(model_id)
         config = LoraConfig.from_pretrained(directory)
@@ -260,18 +327,22 @@ class PeftModel(nn.Module):
         _ = load_adapter_file(directory)
         self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
-            self._load_weights(directory, adapter_name)
+            load_result = self._load_weights(directory, adapter_name)
         except Exception:
             self.base_model.peft_config.pop(adapter_name, None)
             self.base_model._remove_adapter_everywhere(adapter_name)
             raise
-        if not is_trainable:
+        if is_trainable:  # add_adapter leaves a new, inactive adapter frozen (as PEFT)
+            self.set_requires_grad(adapter_name)
+        else:
             self.eval()
-        return None
+        return load_result
 
-    def _load_weights(self, directory: Path, adapter_name: str) -> None:
+    def _load_weights(self, directory: Path, adapter_name: str):
+        """torch's load result (missing_keys, unexpected_keys), as PEFT's load_adapter returns it;
+        our loads are strict, so a mismatch raises instead and both lists come back empty."""
         saved = load_adapter_file(directory)
-        set_peft_model_state_dict(self, saved, adapter_name)
+        return set_peft_model_state_dict(self, saved, adapter_name)
 
 
 def _task_forward(model: PeftModel, task_ids: Any, named: dict[str, Any], kwargs: dict[str, Any]):

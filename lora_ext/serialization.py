@@ -2,18 +2,22 @@
 
 Saved keys are the model's state_dict keys with the adapter name removed
 (`...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`), DoRA magnitudes as
-`...lora_magnitude_vector`, modules_to_save copies as `<module>.<param>`. This module
+`...lora_magnitude_vector`, modules_to_save copies as `<module>.<param>`. Also the
+conversion of a trained PiSSA/OLoRA adapter into a plain LoRA adapter on save. This module
 knows nothing of kernels: it maps names and moves tensors.
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from .layers import LoraLayer, ModulesToSaveWrapper
 
@@ -153,9 +157,14 @@ def load_adapter_file(directory: Path) -> dict[str, torch.Tensor]:
                      f"nor {WEIGHTS_NAME}")
 
 
-def set_peft_model_state_dict(peft_model: nn.Module, saved: dict[str, torch.Tensor], adapter_name: str,
-                              strict: bool = True) -> None:
-    """Copy a saved adapter into the model. Everything is checked before anything is written."""
+def set_peft_model_state_dict(peft_model: nn.Module, saved: dict[str, torch.Tensor], adapter_name: str = "default",
+                              strict: bool = True):
+    """Copy a saved adapter into the model. Everything is checked before anything is written.
+
+    Returns, as PEFT, torch's load result: `missing_keys` (model keys of this adapter that
+    the file lacks) and `unexpected_keys` (file keys the model lacks). With strict (the
+    default) either one raises ValueError instead and nothing is written.
+    """
     mapping = adapter_key_map(peft_model, adapter_name)
     state = peft_model.state_dict(keep_vars=True)
     missing = sorted(k for k in mapping if k not in saved)
@@ -183,3 +192,68 @@ def set_peft_model_state_dict(peft_model: nn.Module, saved: dict[str, torch.Tens
     with torch.no_grad():
         for param, tensor in targets:
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+    return _IncompatibleKeys(missing_keys=[mapping[k] for k in missing], unexpected_keys=unexpected)
+
+
+# ---------------------------------------------------------------- PiSSA / OLoRA -> plain LoRA
+
+_CONVERTIBLE_INITS = ("pissa", "olora", "true")
+
+
+def convert_to_lora_state_dict(peft_model, adapter_name: str, state: dict[str, torch.Tensor], config,
+                               path_initial_model_for_weight_conversion) -> tuple[dict[str, torch.Tensor], object]:
+    """Turn a trained PiSSA/OLoRA adapter into a plain LoRA adapter for the ORIGINAL base.
+
+    PiSSA/OLoRA replaced W by W_res = W - s·B₀A₀, so the trained model computes
+    W_res + s·BA = W + s·(BA - B₀A₀). With A' = cat[A, A₀] (rows) and B' = cat[B, -B₀]
+    (columns), B'A' = BA - B₀A₀: a rank-2r LoRA adapter on W itself. Its config has
+    r' = 2r and alpha' = 2·alpha (alpha·√2 with rsLoRA) so the scaling is unchanged, and
+    init_lora_weights=True (loading it must not rewrite the base again); rank_pattern and
+    alpha_pattern are doubled. This is PEFT's documented `path_initial_model_for_weight_conversion`
+    path, and the numbers equal PEFT's. Like PEFT, the initial folder's config is rewritten
+    with init_lora_weights=True.
+
+    Where PEFT drops keys, we keep them: embedding adapters are converted the same way
+    (PEFT leaves them out, losing their training), and modules_to_save / bias tensors are
+    kept as they are (they never depended on the rewritten base weight).
+
+    `state` is the adapter's saved state (PEFT key names); `path_...` is the folder saved
+    right after initialisation, before training. Returns (state, config) to write.
+    """
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ValueError("Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported "
+                         "when using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`.")
+    if config.use_dora:
+        raise ValueError("path_initial_model_for_weight_conversion: a DoRA adapter cannot be converted to a plain "
+                         "LoRA adapter (its magnitude vector rescales the whole weight)")
+    if not any(str(config.init_lora_weights).lower().startswith(p) for p in _CONVERTIBLE_INITS):
+        warnings.warn("`path_initial_model_for_weight_conversion` only works for converting a PiSSA/OLoRA adapter "
+                      f"to a LoRA adapter; adapter {adapter_name!r} has init_lora_weights="
+                      f"{config.init_lora_weights!r}", stacklevel=3)
+    initial_path = Path(path_initial_model_for_weight_conversion)
+    initial_config = copy.deepcopy(config)
+    initial_config.init_lora_weights = True
+    initial = load_adapter_file(initial_path)  # before writing anything: a wrong folder fails cleanly
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        dim = 0 if ("lora_A" in key or "lora_embedding_A" in key) else (
+            1 if ("lora_B" in key or "lora_embedding_B" in key) else None)
+        if dim is None:
+            converted[key] = value
+            continue
+        if key not in initial:
+            raise ValueError(f"path_initial_model_for_weight_conversion: {str(initial_path)!r} has no {key!r}; "
+                             "expected the adapter saved right after initialisation, before training")
+        start = initial[key].to(value.dtype)
+        if start.shape != value.shape:
+            raise ValueError(f"path_initial_model_for_weight_conversion: {key!r} has shape "
+                             f"{tuple(start.shape)} in {str(initial_path)!r} but {tuple(value.shape)} now")
+        converted[key] = torch.cat([value, start if dim == 0 else -start], dim=dim)
+    initial_config.save_pretrained(initial_path)
+    new_config = copy.deepcopy(config)
+    new_config.init_lora_weights = True
+    new_config.r *= 2
+    new_config.lora_alpha *= 2 ** 0.5 if config.use_rslora else 2
+    new_config.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
+    new_config.alpha_pattern = {k: 2 * v for k, v in config.alpha_pattern.items()}
+    return converted, new_config

@@ -12,7 +12,8 @@ from functools import reduce
 
 import torch
 
-from .layers import Conv2d, LoraLayer, ModulesToSaveWrapper
+from .layers import LoraLayer, ModulesToSaveWrapper
+from .layers.conv import _ConvNd
 
 COMBINATION_TYPES = ("linear", "cat", "svd")
 
@@ -23,8 +24,10 @@ def _new_rank_and_targets(model, adapters, combination_type, svd_rank):
         if adapter not in configs:
             raise ValueError(f"Adapter {adapter} does not exist")
     wrappers = [m for m in model.model.modules() if isinstance(m, ModulesToSaveWrapper)]
-    if any(sum(a in w.modules_to_save for a in adapters) > 1 for w in wrappers):
-        raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save")
+    shared = sum(sum(a in w.modules_to_save for a in adapters) > 1 for w in wrappers)
+    if shared:
+        raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save, but "
+                         f"found {shared} such instance(s).")
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"Invalid combination_type: {combination_type!r}; lora-ext supports "
                          f"{', '.join(COMBINATION_TYPES)}")
@@ -33,7 +36,8 @@ def _new_rank_and_targets(model, adapters, combination_type, svd_rank):
              for c in (configs[a] for a in adapters)]
     if combination_type == "linear":
         if len(set(ranks)) != 1:
-            raise ValueError("All adapters must have the same r value when using combination_type linear.")
+            raise ValueError("All adapters must have the same r value when using combination_type linear, ties, "
+                             "dare_ties or dare_linear.")
         new_rank = ranks[0]
     elif combination_type == "cat":
         new_rank = sum(ranks)
@@ -105,9 +109,9 @@ def _svd(layer, adapters, weights, new_rank, target_A, target_B, clamp, full_mat
     is_embedding = any(a in layer.lora_embedding_A for a, _ in valid)
     deltas = [layer.get_delta_weight(a) for a, _ in valid]
     delta = _weighted_sum(deltas, torch.tensor([w for _, w in valid], device=deltas[0].device))
-    conv2d = isinstance(layer, Conv2d)
-    if conv2d:
-        delta = delta.squeeze() if layer.weight.shape[2:4] == (1, 1) else delta.flatten(start_dim=1)
+    conv = isinstance(layer, _ConvNd)
+    if conv:  # PEFT squeezes a 1x1 Conv2d kernel; flattening [out, in, k...] is the general case
+        delta = delta.squeeze() if layer.weight.shape[2:] == (1, 1) else delta.flatten(start_dim=1)
     if getattr(layer, "fan_in_fan_out", False) or is_embedding:
         delta = delta.T
     U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
@@ -116,7 +120,7 @@ def _svd(layer, adapters, weights, new_rank, target_A, target_B, clamp, full_mat
     if clamp is not None:
         hi = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
         U, Vh = U.clamp(-hi, hi), Vh.clamp(-hi, hi)
-    if conv2d:
+    if conv:
         U, Vh = U.reshape(target_B.shape), Vh.reshape(target_A.shape)
     return Vh, U
 

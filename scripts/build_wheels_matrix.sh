@@ -48,7 +48,7 @@ while [ $# -gt 0 ]; do
   echo "=== torch $torch_version ($tag) in $venv"
   if [ ! -x "$venv/bin/python" ]; then
     "$PYTHON" -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip "setuptools>=64" wheel ninja numpy
+    "$venv/bin/python" -m pip install -q --upgrade pip "setuptools>=77" wheel ninja numpy
   fi
   "$venv/bin/python" -m pip install -q "torch==$torch_version" --index-url "$TORCH_INDEX/$tag"
   if [ "$tag" = "cpu" ]; then

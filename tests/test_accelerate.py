@@ -153,16 +153,20 @@ def test_accelerate_twice_is_a_no_op(caplog):
     assert {n: type(m) for n, m in model.named_modules()} == classes
 
 
-def test_model_without_lora_linear_raises_value_error():
-    with pytest.raises(ValueError, match="no peft.tuners.lora.layer.Linear"):
-        lora_ext.accelerate(tiny_model("llama"))
+def test_model_without_lora_linear_warns_and_is_returned_unchanged():
+    model = tiny_model("llama")
+    classes = [type(m) for m in model.modules()]
+    with pytest.warns(UserWarning, match="nothing to swap: the model has no peft.tuners.lora.layer.Linear"):
+        assert lora_ext.accelerate(model) is model
+    assert [type(m) for m in model.modules()] == classes
 
 
-def test_model_with_only_embedding_lora_raises_value_error():
+def test_model_with_only_embedding_lora_warns_and_names_the_layer():
     torch.manual_seed(0)
     model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(target_modules=["embed_tokens"]))
-    with pytest.raises(ValueError, match="no peft.tuners.lora.layer.Linear"):
-        lora_ext.accelerate(model)
+    with pytest.warns(UserWarning, match=r"nothing to swap.*a lora.Embedding layer .*1 layer: "
+                                         r"base_model\.model\.model\.embed_tokens\)"):
+        assert lora_ext.accelerate(model) is model
 
 
 def test_accelerate_rejects_a_non_module():

@@ -35,7 +35,8 @@ def tiny_llama():
     (dict(rank_pattern={"q_proj": 0}), ValueError, "rank_pattern values must be positive"),
     (dict(target_modules=5), TypeError, "target_modules must be"),
     (dict(bias="some"), ValueError, "bias must be 'none', 'all' or 'lora_only'"),
-    (dict(init_lora_weights="uniform"), ValueError, "init_lora_weights='uniform' is not supported"),
+    (dict(init_lora_weights="uniform"), ValueError, "Unknown initialization init_lora_weights='uniform'"),
+    (dict(init_lora_weights="corda"), ValueError, "init_lora_weights='corda' is not supported by lora-ext"),
     (dict(task_type="IMAGE_GEN"), ValueError, "task_type 'IMAGE_GEN' is not supported"),
     (dict(layer_replication=[[4, 2]]), ValueError, "layer_replication"),
 ])

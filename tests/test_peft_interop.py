@@ -22,8 +22,8 @@ KINDS = ["llama", "gpt2", "embconv"]
 
 
 def folders(path):
-    """What save_pretrained wrote, less PEFT's model card (README.md), which lora-ext does not write."""
-    return sorted(p.name for p in path.iterdir() if p.name != "README.md")
+    """What save_pretrained wrote (both write the model card README.md, as PEFT)."""
+    return sorted(p.name for p in path.iterdir())
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +99,7 @@ def two_adapter_models(kind, tmp_path, r_b=4, **config):
     theirs.add_adapter("b", peft.LoraConfig(**{**cfg, "r": r_b, "lora_alpha": 6}))
     randomize_adapters(theirs)
     theirs.save_pretrained(tmp_path / "peft")
-    assert folders(tmp_path / "peft") == ["a", "b"]  # both in subfolders
+    assert folders(tmp_path / "peft") == ["README.md", "a", "b"]  # both in subfolders
     ours = lora_ext.PeftModel.from_pretrained(BASES[kind](), tmp_path / "peft" / "a", adapter_name="a",
                                               is_trainable=True)
     ours.load_adapter(tmp_path / "peft", adapter_name="b", subfolder="b", is_trainable=True)
@@ -242,7 +242,7 @@ def test_selected_adapters_and_subfolders_as_peft(tmp_path):
     ours, theirs = two_adapter_models("llama", tmp_path)
     ours.save_pretrained(tmp_path / "o_b", selected_adapters=["b"])
     theirs.save_pretrained(tmp_path / "t_b", selected_adapters=["b"])
-    assert folders(tmp_path / "o_b") == folders(tmp_path / "t_b") == ["b"]
+    assert folders(tmp_path / "o_b") == folders(tmp_path / "t_b") == ["README.md", "b"]
     assert_same_files(tmp_path / "o_b" / "b", tmp_path / "t_b" / "b")
     ours.save_pretrained(tmp_path / "o_all")
     theirs.save_pretrained(tmp_path / "t_all")

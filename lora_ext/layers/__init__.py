@@ -1,9 +1,9 @@
 """LoRA modules. They call lora_ext.ops for their arithmetic and never torch.ops directly."""
 from .base import LoraLayer
-from .conv import Conv2d
+from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .linear import Linear
 from .modules_to_save import ModulesToSaveWrapper
 from .nf4 import Linear4bit
 
-__all__ = ["Conv2d", "Embedding", "Linear", "Linear4bit", "LoraLayer", "ModulesToSaveWrapper"]
+__all__ = ["Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "Linear4bit", "LoraLayer", "ModulesToSaveWrapper"]

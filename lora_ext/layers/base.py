@@ -22,6 +22,8 @@ class LoraLayer:
     # attribute names that hold adapter parameters (state_dict keys contain them)
     adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
                                             "lora_magnitude_vector")
+    # per-adapter settings, keyed by adapter name like the containers above (PEFT's name)
+    other_param_names: tuple[str, ...] = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora")
 
     def _init_lora_state(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         self.base_layer = base_layer
@@ -94,14 +96,25 @@ class LoraLayer:
                     item.requires_grad_(False)
             self._disable_adapters = True
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch gradients of these adapters' parameters on or off (PEFT's set_requires_grad)."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for container in self._adapter_modules():
+            for key, item in container.items():
+                if key in names:
+                    item.requires_grad_(requires_grad)
+
+    def _get_available_adapters(self) -> set[str]:
+        return {key for container in self._adapter_modules() for key in container}
+
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into this layer; unmerge it before deleting it")
-        for container in [*self._adapter_modules(), self.lora_dropout]:
-            if adapter_name in container:
-                del container[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.use_dora):
-            table.pop(adapter_name, None)
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                             "first.")
+        for attr in self.adapter_layer_names + self.other_param_names:
+            table = getattr(self, attr)
+            if adapter_name in table:
+                del table[adapter_name]
         if adapter_name in self._active_adapter:
             remaining = [n for n in self._active_adapter if n != adapter_name]
             if not remaining and self.r:

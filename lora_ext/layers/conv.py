@@ -1,4 +1,6 @@
-"""LoRA on nn.Conv2d: A is a conv with the base kernel, stride and padding; B a 1x1 conv."""
+"""LoRA on nn.Conv1d/Conv2d/Conv3d: A is a conv of the base's kind with its kernel, stride and
+padding; B a 1x1(x1) conv. As PEFT's _ConvNd, one class for the three, told apart by the
+base weight's dimension."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,11 +13,19 @@ from . import dora
 from .base import LoraLayer
 
 
-class Conv2d(nn.Module, LoraLayer):
-    def __init__(self, base_layer: nn.Conv2d, adapter_name: str, r: int = 0, lora_alpha: float = 1,
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class _ConvNd(nn.Module, LoraLayer):
+    spatial_dims: int = 2  # 1, 2 or 3: set by Conv1d / Conv2d / Conv3d
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False,
                  use_dora: bool = False, **kwargs: Any) -> None:
         super().__init__()
+        if base_layer.weight.dim() != self.spatial_dims + 2:
+            raise ValueError(f"{type(self).__name__} layer kernel must have {self.spatial_dims + 2} dimensions, not "
+                             f"{base_layer.weight.dim()}")
         self._init_lora_state(base_layer, base_layer.in_channels, base_layer.out_channels)
         self._dora_merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the norms used at merge time
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
@@ -27,27 +37,34 @@ class Conv2d(nn.Module, LoraLayer):
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         base = self.base_layer
+        kind = type(base).__name__
         if use_dora and base.groups > 1:
-            raise ValueError(f"use_dora=True needs a Conv2d with groups=1 (got groups={base.groups}): the DoRA "
+            raise ValueError(f"use_dora=True needs a {kind} with groups=1 (got groups={base.groups}): the DoRA "
                              "weight norm of a grouped convolution is not defined by PEFT")
         if r % base.groups != 0:
-            raise ValueError(f"Targeting a Conv2d with groups={base.groups} and rank {r}: the rank must be "
-                             "divisible by groups")
+            raise ValueError(f"Targeting a {kind} with groups={base.groups} and rank {r}. Currently, support is "
+                             "limited to conv layers where the rank is divisible by groups. Either choose a "
+                             "different rank or do not target this specific layer.")
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
         self.use_dora[adapter_name] = bool(use_dora)
         self.lora_dropout[adapter_name] = self._dropout_module(lora_dropout)
-        self.lora_A[adapter_name] = nn.Conv2d(self.in_features, r, base.kernel_size, base.stride, base.padding,
-                                              bias=False)
-        self.lora_B[adapter_name] = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), groups=base.groups,
-                                              bias=False)
-        self._initialise(adapter_name, init_lora_weights, "conv2d")
+        conv, ones = type(base), (1,) * self.spatial_dims
+        self.lora_A[adapter_name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
+                                         bias=False)
+        self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=False)
+        self._initialise(adapter_name, init_lora_weights, f"conv{self.spatial_dims}d")
         self._move_adapter_to_base(adapter_name)
-        if use_dora:  # PEFT keeps the conv magnitude as [1, out, 1, 1]
+        if use_dora:  # PEFT keeps the conv magnitude as [1, out, 1, ...]
             self.lora_magnitude_vector[adapter_name] = dora.DoraMagnitude(
-                self, adapter_name, shape=(1, self.out_features, 1, 1))
+                self, adapter_name, shape=(1, self.out_features, *ones))
         self.set_adapter(self.active_adapters)
 
-    # DoRA sees the kernel as [out, in·kh·kw]; B·A of the flattened factors is the composed kernel.
+    @property
+    def conv_fn(self):
+        """F.conv1d, conv2d or conv3d (PEFT's attribute of that name)."""
+        return _CONV_FUNCTIONS[self.spatial_dims]
+
+    # DoRA sees the kernel as [out, in·k...]; B·A of the flattened factors is the composed kernel.
     def base_weight_out_in(self) -> torch.Tensor:
         return self.to_out_in(self.base_layer.weight)
 
@@ -63,16 +80,16 @@ class Conv2d(nn.Module, LoraLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         if self.base_layer.groups > 1:
-            raise NotImplementedError("Merging is not supported for Conv2d layers with groups > 1")
+            raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
         weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         dtype = weight_A.dtype
         if weight_A.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
             weight_A, weight_B = weight_A.float(), weight_B.float()
-        if self.base_layer.weight.shape[2:4] == (1, 1):
+        if self.spatial_dims == 2 and self.base_layer.weight.shape[2:4] == (1, 1):
             delta = (weight_B[:, :, 0, 0] @ weight_A[:, :, 0, 0])[:, :, None, None]
         else:
             # composing the two convolutions: out[o, i] = sum_r B[o, r] * A[r, i]
-            delta = F.conv2d(weight_A.transpose(0, 1), weight_B).transpose(0, 1)
+            delta = self.conv_fn(weight_A.transpose(0, 1), weight_B).transpose(0, 1)
         return (delta * self.scaling[adapter]).to(dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -107,3 +124,15 @@ class Conv2d(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora_ext." + super().__repr__()
+
+
+class Conv1d(_ConvNd):
+    spatial_dims = 1
+
+
+class Conv2d(_ConvNd):
+    spatial_dims = 2
+
+
+class Conv3d(_ConvNd):
+    spatial_dims = 3

@@ -23,7 +23,7 @@ from .. import ops
 class DoraMagnitude(nn.Module):
     """Holds the magnitude vector as `.weight` (PEFT's key: lora_magnitude_vector.<name>.weight).
 
-    Its shape is PEFT's: [out] for Linear and Embedding, [1, out, 1, 1] for Conv2d.
+    Its shape is PEFT's: [out] for Linear and Embedding, [1, out, 1, ...] for Conv1d/2d/3d.
     """
 
     def __init__(self, layer, adapter_name: str, shape: tuple[int, ...] | None = None) -> None:
@@ -105,22 +105,20 @@ def dora_linear_contribution(layer, x: torch.Tensor, adapter: str, result: torch
     return (g - 1) * base_result + g * lora_B(lora_A(x)) * scaling
 
 
-# ---------------------------------------------------------------- Conv2d
-
+# ---------------------------------------------------------------- Conv1d / Conv2d / Conv3d
 
 def dora_conv_contribution(layer, x: torch.Tensor, adapter: str, result: torch.Tensor) -> torch.Tensor:
-    """PEFT's _DoraConvNdLayer.forward: the term added to `result` (g is [1, out, 1, 1])."""
+    """PEFT's _DoraConvNdLayer.forward: the term added to `result` (g is [1, out, 1, ...])."""
     lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
     x = x.to(lora_A.weight.dtype)
     dropout = layer.lora_dropout[adapter]
     base = layer.base_layer
     g = magnitude_scale(layer, adapter, x.dtype)
     if isinstance(dropout, nn.Identity) or not layer.training:
-        base_result = result if base.bias is None else result - base.bias.view(1, -1, 1, 1)
+        base_result = result if base.bias is None else result - base.bias.view(1, -1, *g.shape[2:])
     else:
         x = dropout(x)
-        base_result = F.conv2d(x, base.weight.to(x.dtype), None, base.stride, base.padding, base.dilation,
-                               base.groups)
+        base_result = layer.conv_fn(x, base.weight.to(x.dtype), None, base.stride, base.padding, base.dilation, base.groups)
     return (g - 1) * base_result + g * lora_B(lora_A(x)) * layer.scaling[adapter]
 
 

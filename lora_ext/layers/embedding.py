@@ -89,13 +89,16 @@ class Embedding(nn.Module, LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
+        # fp32 adapters (autocast_adapter_dtype) over a half base: the output keeps the
+        # base's dtype, as PEFT's, so the next half-precision layer can take it
+        base_dtype = result.dtype
         for name in self.active_adapters:
             if name in self.lora_embedding_A:
                 if self.use_dora.get(name, False):
                     result = dora.dora_embedding_forward(self, x, name, result)
                 else:
                     result = result + self._adapter_output(x, name)
-        return result
+        return result.to(base_dtype)
 
     def __repr__(self) -> str:
         return "lora_ext." + super().__repr__()

@@ -14,6 +14,9 @@ from torch import nn
 
 
 class ModulesToSaveWrapper(nn.Module):
+    adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
+    other_param_names: tuple[str, ...] = ()
+
     def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
         super().__init__()
         self.original_module = module_to_save
@@ -48,6 +51,19 @@ class ModulesToSaveWrapper(nn.Module):
             module.requires_grad_(key in names)
         self._active_adapter = names
 
+    @property
+    def merged_adapters(self) -> list[str]:
+        return []  # a trained copy replaces the module; nothing is ever merged into it
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for key, module in self.modules_to_save.items():
+            if key in names:
+                module.requires_grad_(requires_grad)
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.modules_to_save)
+
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled
         if enabled:
@@ -64,6 +80,13 @@ class ModulesToSaveWrapper(nn.Module):
         if self._disable_adapters or not self._active_adapter or self._active_adapter[0] not in self.modules_to_save:
             return self.original_module
         return self.modules_to_save[self._active_adapter[0]]
+
+    def unloaded_module(self) -> nn.Module:
+        """What stands in the model after unload/merge_and_unload: the active adapter's trained
+        copy (whether adapters are enabled or not, as PEFT), else the original."""
+        if self._active_adapter and self._active_adapter[0] in self.modules_to_save:
+            return self.modules_to_save[self._active_adapter[0]]
+        return self.original_module
 
     def forward(self, *args: Any, **kwargs: Any):
         adapter_names = kwargs.pop("adapter_names", None)
