@@ -7,7 +7,7 @@ rounding unit at the scale of the summed terms (error_floor) covers cases where 
 error is exactly zero (fp64, empty tensors) or a single rounding (one-row inputs).
 
 Ops are compared element by element (assert_within_torch_error): each element is one sum
-whose rounding the rule bounds. Whole models (a PEFT model against ours, end to end) are
+whose rounding the rule bounds. Whole models against their PEFT twin (peft_twins) are
 compared normwise (assert_within_torch_error_normwise): there every element of an output or
 gradient carries the rounding errors of every layer before it, ours and PEFT's are two
 independent draws of that propagated error, and the largest element of a draw is noise:
