@@ -2,6 +2,7 @@
 // csrc/cuda/dora.cu), and the DoRA linear forward/backward, whose GEMMs run through ATen
 // around the Philox dropout kernels of the fused LoRA linear.
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "aten_glue.h"
@@ -118,6 +119,9 @@ std::tuple<Tensor, Tensor, Tensor> dora_linear_forward(
     const Tensor& lora_B, const Tensor& magnitude, const Tensor& weight_norm, double scaling,
     double dropout_p, int64_t seed, int64_t offset) {
   check_linear(x, weight, lora_A, lora_B, magnitude, weight_norm, dropout_p);
+  // The op runs in the dtypes it is given (autocast casts at its boundary, see ops/): the
+  // GEMMs inside must not be cast again, here or in the CPU kernels' worker threads.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t in = weight.size(1), out = weight.size(0);
   const bool has_bias = bias.has_value() && bias->defined();
   const Tensor x2d = x.reshape({-1, in});
@@ -169,6 +173,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
     double scaling, double dropout_p, int64_t seed, int64_t offset,
     std::array<bool, 4> output_mask) {
   check_linear(x, weight, lora_A, lora_B, magnitude, weight_norm, dropout_p);
+  // The op runs in the dtypes it is given (autocast casts at its boundary, see ops/): the
+  // GEMMs inside must not be cast again, here or in the CPU kernels' worker threads.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t in = weight.size(1), out = weight.size(0);
   const bool need_x = output_mask[0], need_A = output_mask[1], need_B = output_mask[2],
              need_m = output_mask[3];

@@ -1,6 +1,7 @@
 // Fused LoRA linear: the CPU path is cpu::fused_forward/backward (csrc/cpu/lora_fused.cpp);
 // the CUDA path orchestrates cuBLAS GEMMs around the fused Philox kernels of csrc/cuda.
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "aten_glue.h"
@@ -101,6 +102,9 @@ std::tuple<Tensor, Tensor> lora_linear_forward(const Tensor& x, const Tensor& we
                                                double scaling, double dropout_p, int64_t seed,
                                                int64_t offset) {
   check_inputs(x, weight, lora_A, lora_B, dropout_p);
+  // The op runs in the dtypes it is given (autocast casts at its boundary, see ops/): the
+  // GEMMs inside must not be cast again, here or in the CPU kernels' worker threads.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t in = weight.size(1), out = weight.size(0);
   const Tensor x2d = x.reshape({-1, in});
   std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
@@ -128,6 +132,9 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward(
     const Tensor& lora_A, const Tensor& lora_B, double scaling, double dropout_p, int64_t seed,
     int64_t offset, std::array<bool, 3> output_mask) {
   check_inputs(x, weight, lora_A, lora_B, dropout_p);
+  // The op runs in the dtypes it is given (autocast casts at its boundary, see ops/): the
+  // GEMMs inside must not be cast again, here or in the CPU kernels' worker threads.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t in = weight.size(1), out = weight.size(0);
   const Tensor g2d = grad_y.reshape({-1, out});
   const auto params = core::make_dropout_params(dropout_p, seed, offset);

@@ -12,7 +12,9 @@ PY=${PYTHON:-.venv/bin/python}
 # The op tests of every CPU kernel family (fused LoRA linear with its Philox dropout, DoRA,
 # BGMV/SGMV, NF4, and their property tests), and the whole-model DoRA comparison with PEFT
 # that once failed on an AVX2-only CPU. tests/test_cpu_capability.py is not among them: it
-# starts one process per level itself.
+# starts one process per level itself. Left out too: opcheck and torch.compile cases, which
+# check the ops' registration (schemas, fake kernels, autograd), the same at every level, and
+# cost the most (a fresh inductor cache compiles every kernel again).
 KERNEL_TESTS=(
   tests/test_lora_linear.py
   tests/test_dora_ops.py
@@ -56,7 +58,7 @@ for level in "${levels[@]}"; do
 import sys, torch, lora_ext
 ours, aten = lora_ext.cpu_capability(), torch.backends.cpu.get_cpu_capability().lower()
 sys.exit(None if ours == aten == '$level' else f'asked for $level, got lora_ext {ours}, ATen {aten}')"
-  "$PY" -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}"
+  "$PY" -m pytest -q -p no:cacheprovider -k "not opcheck and not compile" "${KERNEL_TESTS[@]}"
   rm -rf "$TORCHINDUCTOR_CACHE_DIR"
   echo "== kernel tests at $level: $((SECONDS - start)) s"
 done

@@ -67,7 +67,7 @@ LORA_EXT_HD void dropout_apply_group(unsigned keep, uint64_t group, int64_t nume
 // dropout_keep_bits(seed, offset, threshold, first_group + j) for every j (tested natively).
 constexpr int kDropoutBatch = 16;
 
-// Forced inlining lets the CPU kernels' per-ISA clones (target_clones) vectorise this body.
+// Forced inlining lets the CPU kernels' per-ISA clones (LORA_EXT_ISA_CLONES) vectorise this body.
 #if defined(__GNUC__)
 #define LORA_EXT_FORCE_INLINE inline __attribute__((always_inline))
 #else

@@ -1,6 +1,6 @@
 // Philox-4x32-10 keep bits for eight consecutive groups at once with AVX2, for the CPU
 // kernels. It computes exactly core::dropout_keep_bits for each group (a native unit test
-// compares the two); callers check __builtin_cpu_supports("avx2") before using it.
+// compares the two); callers check cpu::cpu_isa() (csrc/cpu/isa.h) before using it.
 #pragma once
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
