@@ -90,9 +90,9 @@ void gemv_scalar(const float* xf, int64_t rows, int64_t in, const uint8_t* packe
     dequant_scalar(packed, absmax, bs_shift, o * in, (o + 1) * in, w.data());
     for (int64_t r = 0; r < rows; ++r) {
       const float* xr = xf + r * in;
-      float acc = 0.0f;
-      for (int64_t k = 0; k < in; ++k) acc += xr[k] * w[k];
-      y[r * out + o] = acc;
+      double acc = 0.0;  // one long fp32 chain would lose to PyTorch's blocked sums
+      for (int64_t k = 0; k < in; ++k) acc += double(xr[k]) * double(w[k]);
+      y[r * out + o] = static_cast<float>(acc);
     }
   }
 }
