@@ -89,9 +89,9 @@ void gemv_scalar(const float* xf, int64_t rows, int64_t in, const uint8_t* packe
     dequant_scalar(packed, absmax, bs_shift, o * in, (o + 1) * in, w.data());
     for (int64_t r = 0; r < rows; ++r) {
       const float* xr = xf + r * in;
-      float acc = 0.0f;
-      for (int64_t k = 0; k < in; ++k) acc += xr[k] * w[k];
-      y[r * out + o] = acc;
+      double acc = 0.0;  // one long fp32 chain would lose to PyTorch's blocked sums
+      for (int64_t k = 0; k < in; ++k) acc += double(xr[k]) * double(w[k]);
+      y[r * out + o] = static_cast<float>(acc);
     }
   }
 }
@@ -292,8 +292,8 @@ LORA_EXT_BF16_FN void gemv_bf16(const c10::BFloat16* x, int64_t ldx, int64_t row
 
 #ifdef LORA_EXT_NF4_AVX2
 // ---------------------------------------------------------------- double-quantised absmax
-// code[q] * absmax2 + offset for elements [i, end) of one block, 8 or 16 at a time (a gather
-// from the 256-entry code; multiply and add rounded separately, as core::dynamic_dequantize).
+// code[q] * absmax2 + offset for elements [i, end) of one block, 8 or 16 at a time (multiply
+// and add rounded separately, as core::dynamic_dequantize). AVX2: a gather from the code.
 // Returns the first element left for the scalar loop.
 LORA_EXT_AVX2_FN int64_t absmax_run_avx2(const uint8_t* q, const float* table, float absmax2,
                                          float offset, int64_t i, int64_t end, float* o) {
@@ -306,12 +306,24 @@ LORA_EXT_AVX2_FN int64_t absmax_run_avx2(const uint8_t* q, const float* table, f
   return i;
 }
 
+// AVX-512 without gathers (slow on some cores): the 256-entry code in 16 registers, one
+// two-register permute per 32 entries, and the index's top 3 bits pick which permute counts.
 LORA_EXT_AVX512_FN int64_t absmax_run_avx512(const uint8_t* q, const float* table, float absmax2,
                                              float offset, int64_t i, int64_t end, float* o) {
+  __m512 lo[8], hi[8];
+  for (int j = 0; j < 8; ++j) {
+    lo[j] = _mm512_loadu_ps(table + 32 * j);
+    hi[j] = _mm512_loadu_ps(table + 32 * j + 16);
+  }
   const __m512 s = _mm512_set1_ps(absmax2), off = _mm512_set1_ps(offset);
   for (; i + 16 <= end; i += 16) {
     const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
-    const __m512 v = _mm512_i32gather_ps(idx, table, 4);
+    const __m512i top = _mm512_srli_epi32(idx, 5);
+    __m512 v = _mm512_permutex2var_ps(lo[0], idx, hi[0]);
+    for (int j = 1; j < 8; ++j) {
+      const __mmask16 pick = _mm512_cmpeq_epi32_mask(top, _mm512_set1_epi32(j));
+      v = _mm512_mask_mov_ps(v, pick, _mm512_permutex2var_ps(lo[j], idx, hi[j]));
+    }
     _mm512_storeu_ps(o + i, _mm512_add_ps(_mm512_mul_ps(v, s), off));
   }
   return i;

@@ -78,13 +78,15 @@ void decode_tile(const uint8_t* packed, const float* absmax, int shift, int64_t 
   for (int64_t j = 0; j < n; ++j) dequant_range(packed, absmax, shift, e0 + j * in, e0 + (j + 1) * in, tile + j * ldt);
 }
 
+// The portable loops accumulate in double: one long fp32 chain would be less accurate than
+// PyTorch's blocked sums (the tolerance rule).
 void fwd_scalar(int mr, const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t kp, float* y, int64_t ldy,
                 int ncols) {
   for (int r = 0; r < mr; ++r) {
     for (int c = 0; c < ncols; ++c) {
-      float acc = 0.0f;
-      for (int64_t k = 0; k < kp; ++k) acc += x[r * ldx + k] * w[c * ldw + k];
-      y[r * ldy + c] = acc;
+      double acc = 0.0;
+      for (int64_t k = 0; k < kp; ++k) acc += double(x[r * ldx + k]) * double(w[c * ldw + k]);
+      y[r * ldy + c] = static_cast<float>(acc);
     }
   }
 }
@@ -267,10 +269,10 @@ void bwd_scalar(int mr, int64_t kt, const float* g, int64_t ldg, const float* w,
                 int64_t ldgx, bool accumulate) {
   for (int r = 0; r < mr; ++r) {
     float* row = gx + r * ldgx;
-    if (!accumulate) std::fill(row, row + kt, 0.0f);
-    for (int64_t o = 0; o < n; ++o) {
-      const float gv = g[r * ldg + o];
-      for (int64_t j = 0; j < kt; ++j) row[j] += gv * w[o * kt + j];
+    for (int64_t j = 0; j < kt; ++j) {
+      double acc = accumulate ? row[j] : 0.0;
+      for (int64_t o = 0; o < n; ++o) acc += double(g[r * ldg + o]) * double(w[o * kt + j]);
+      row[j] = static_cast<float>(acc);
     }
   }
 }
