@@ -155,6 +155,16 @@ def replicate_layers(model: nn.Module, layer_map) -> None:
         config.num_hidden_layers = len(new_layers)
 
 
+def _warn_unmatched_patterns(config: LoraConfig, targeted: list[str]) -> None:
+    """rank_pattern / alpha_pattern keys that matched no targeted module (PEFT's warning)."""
+    for attr in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, attr) or {}
+        unmatched = sorted(p for p in patterns if not any(re.match(rf"(.*\.)?({p})$", k) for k in targeted))
+        if unmatched:
+            warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: "
+                          f"{unmatched}.", RuntimeWarning)
+
+
 def _modules_outside_lora_layers(model: nn.Module) -> list[nn.Module]:
     """Every module of the tree except those inside LoRA layers (their per-adapter
     submodules, hundreds with many adapters, never hold further LoRA layers): what an
@@ -178,6 +188,8 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter: str | list[str] = adapter_name
+        self.targeted_module_names: list[str] = []  # every adapter's, without repeats (as PEFT)
+        self.targeted_parameter_names: list[str] = []  # PEFT's target_parameters: none here
         self.inject_adapter(config, adapter_name)
         self.model.peft_config = self.peft_config  # as PEFT: transformers looks for it
 
@@ -237,6 +249,8 @@ class LoraModel(nn.Module):
             self._remove_adapter_everywhere(adapter_name)
             del self.peft_config[adapter_name]
             raise
+        _warn_unmatched_patterns(config, matched)
+        self.targeted_module_names.extend(k for k in matched if k not in self.targeted_module_names)
         self._mark_only_adapters_as_trainable()
         if config.inference_mode:
             for _, layer in self.lora_layers():

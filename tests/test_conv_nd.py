@@ -134,9 +134,42 @@ def test_merging_a_grouped_conv_is_refused_as_in_peft(tmp_path):
             model.merge_adapter()
 
 
-def test_dora_on_a_grouped_conv_is_refused():
-    with pytest.raises(ValueError, match="groups=1"):
-        lora_ext.get_peft_model(base(), lora_ext.LoraConfig(r=4, target_modules=["grouped"], use_dora=True))
+@pytest.mark.parametrize("saver", [peft_saved, ours_saved])
+def test_dora_on_a_grouped_conv_as_peft(saver, tmp_path):
+    """PEFT's DoRA norm on a grouped conv (its reshaped B·A) and its outputs and gradients."""
+    ours, theirs = saver(tmp_path, target_modules=["grouped", "conv1"], use_dora=True)
+    magnitude = ours.base_model.model.grouped.lora_magnitude_vector["default"].weight
+    assert magnitude.shape == (1, 8, 1)
+    assert_same_numbers(ours.eval(), theirs.eval(), inputs(), what="eval")
+    assert_same_numbers(ours.train(), theirs.train(), inputs(), grads=True, what="train")
+
+
+class GroupedConv2d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("make, target", [(base, "grouped"), (GroupedConv2d, "conv")], ids=["conv1d", "conv2d"])
+def test_dora_norm_of_a_grouped_conv_is_peft_s(make, target):
+    """With random factors (where the layout of B·A shows), our norm is PEFT's."""
+    models = []
+    for lib in (peft, lora_ext):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(make(), lib.LoraConfig(r=4, target_modules=[target], use_dora=True))
+        randomize_adapters(model)
+        models.append(getattr(model.base_model.model, target))
+    theirs, ours = models
+    weight = theirs.base_layer.weight
+    dora = theirs.lora_magnitude_vector["default"]
+    lora_weight = dora.get_lora_weight(theirs.lora_A["default"], theirs.lora_B["default"]).reshape(weight.shape)
+    want = dora.get_weight_norm(weight, lora_weight, theirs.scaling["default"]).reshape(-1)
+    torch.testing.assert_close(lora_ext.layers.dora.layer_weight_norm(ours, "default"), want)
+    x = torch.randn(2, *((4, 5, 5) if make is GroupedConv2d else (8, 16)))
+    torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), rtol=1e-5, atol=1e-6)
 
 
 def test_rank_not_divisible_by_groups_is_refused_as_in_peft():

@@ -278,7 +278,10 @@ def test_two_dora_adapters_active_and_merged_equal_peft(name, tmp_path):
         torch.testing.assert_close(output(merged_ours, inputs), unmerged, rtol=1e-4, atol=1e-4)
 
 
-def test_grouped_conv_dora_is_a_clear_error():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(ValueError, match="groups=1"):
-        lora_ext.get_peft_model(model, lora_ext.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+def test_grouped_conv_dora_cannot_be_merged_as_in_peft():
+    """DoRA on a grouped conv trains and runs (tests/test_conv_nd.py); merging it is refused, as PEFT does."""
+    for lib in (peft, lora_ext):
+        model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+        model = lib.get_peft_model(model, lib.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+        with pytest.raises(NotImplementedError, match="groups > 1"):
+            model.merge_adapter()

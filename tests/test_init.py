@@ -238,7 +238,7 @@ def test_svd_init_on_conv2d_is_rejected():
 
 def test_unknown_layer_kind_is_rejected():
     with pytest.raises(ValueError, match="layer_kind must be one of"):
-        init_lora_weights(*_linear_factors(), True, r=R, scaling=1.0, layer_kind="conv3d")
+        init_lora_weights(*_linear_factors(), True, r=R, scaling=1.0, layer_kind="conv4d")
 
 
 def test_wrong_rank_rows_are_rejected():

@@ -362,3 +362,35 @@ def test_save_pretrained_without_huggingface_hub_writes_the_adapter_without_a_ca
     ours, _ = both(**CFG)
     ours.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+# ---------------------------------------------------------------- tuner and layer attributes
+
+
+def test_targeted_module_names_as_peft():
+    ours, theirs = both(**CFG)
+    assert ours.targeted_module_names == theirs.targeted_module_names
+    assert ours.targeted_parameter_names == theirs.targeted_parameter_names == []
+    for model in (ours, theirs):
+        model.add_adapter("b", type(model.peft_config["default"])(r=4, target_modules=["v_proj", "o_proj"]))
+    assert ours.targeted_module_names == theirs.targeted_module_names  # each module once
+
+
+def test_unmatched_rank_and_alpha_patterns_warn_as_peft():
+    for lib in (peft, lora_ext):
+        with pytest.warns(RuntimeWarning, match=r"The following rank_pattern keys did not match any targeted "
+                                                r"module and were ignored: \['nope'\]"):
+            warnings.simplefilter("always")
+            lib.get_peft_model(tiny_llama(), lib.LoraConfig(**CFG, rank_pattern={"nope": 2, "q_proj": 2}))
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_set_scale_scale_layer_and_unscale_layer_as_peft(use_rslora):
+    ours, theirs = both(**CFG, use_rslora=use_rslora)
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    peft_layer = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.use_rslora == peft_layer.use_rslora == {"default": use_rslora}
+    for step in (lambda l: l.set_scale("default", 3.0), lambda l: l.scale_layer(0.5),
+                 lambda l: l.unscale_layer(2.0), lambda l: l.unscale_layer()):
+        step(layer), step(peft_layer)
+        assert layer.scaling == pytest.approx(peft_layer.scaling)

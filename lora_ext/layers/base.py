@@ -23,7 +23,7 @@ class LoraLayer:
     adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
                                             "lora_magnitude_vector")
     # per-adapter settings, keyed by adapter name like the containers above (PEFT's name)
-    other_param_names: tuple[str, ...] = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora")
+    other_param_names: tuple[str, ...] = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_rslora")
 
     def _init_lora_state(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         self.base_layer = base_layer
@@ -33,6 +33,7 @@ class LoraLayer:
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_dora: dict[str, bool] = {}
+        self.use_rslora: dict[str, bool] = {}
         self.lora_dropout = nn.ModuleDict()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -124,12 +125,30 @@ class LoraLayer:
     def _set_scaling(self, adapter_name: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_rslora[adapter_name] = bool(use_rslora)
+        self.scaling[adapter_name] = self._initial_scaling(adapter_name)
+
+    def _initial_scaling(self, adapter: str) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        r, alpha = self.r[adapter], self.lora_alpha[adapter]
+        return alpha / math.sqrt(r) if self.use_rslora.get(adapter, False) else alpha / r
 
     def set_scale(self, adapter: str, scale: float) -> None:
-        """Multiply the adapter's alpha/r scaling by `scale` (PEFT's set_scale)."""
+        """Set the adapter's scaling to its initial value times `scale` (PEFT's set_scale)."""
         if adapter in self.scaling:
-            self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
+            self.scaling[adapter] = scale * self._initial_scaling(adapter)
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the scaling of every active adapter by `scale` (PEFT's scale_layer)."""
+        for name in self.active_adapters:
+            if name in self.scaling:
+                self.scaling[name] *= scale
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """Divide the active adapters' scaling by `scale`, or reset it when None (PEFT's unscale_layer)."""
+        for name in self.active_adapters:
+            if name in self.scaling:
+                self.scaling[name] = self._initial_scaling(name) if scale is None else self.scaling[name] / scale
 
     def _move_adapter_to_base(self, adapter_name: str) -> None:
         """Adapter parameters follow the base weight's device and (floating) dtype."""

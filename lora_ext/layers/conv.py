@@ -38,9 +38,6 @@ class _ConvNd(nn.Module, LoraLayer):
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         base = self.base_layer
         kind = type(base).__name__
-        if use_dora and base.groups > 1:
-            raise ValueError(f"use_dora=True needs a {kind} with groups=1 (got groups={base.groups}): the DoRA "
-                             "weight norm of a grouped convolution is not defined by PEFT")
         if r % base.groups != 0:
             raise ValueError(f"Targeting a {kind} with groups={base.groups} and rank {r}. Currently, support is "
                              "limited to conv layers where the rank is divisible by groups. Either choose a "
@@ -70,7 +67,18 @@ class _ConvNd(nn.Module, LoraLayer):
 
     def dora_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        return weight_A.reshape(weight_A.shape[0], -1), weight_B.reshape(weight_B.shape[0], -1)
+        r, groups = weight_A.shape[0], self.base_layer.groups
+        if groups == 1:
+            return weight_A.reshape(r, -1), weight_B.reshape(weight_B.shape[0], -1)
+        # A grouped conv has no [out, in·k] product B·A. PEFT's DoRA norm takes
+        # L = (B viewed [out/g, r]) @ (A viewed [r, in·k]) reshaped to W's [out, in/g·k]: row o of
+        # L is row o // g of that product times column chunk o % g of A. The same L as a product
+        # of rank g·r: A'' stacks A's g column chunks, B'' puts row o // g in block o % g.
+        chunks = weight_A.reshape(r, groups, -1).transpose(0, 1).reshape(groups * r, -1)
+        rows = weight_B.reshape(-1, r).repeat_interleave(groups, dim=0)          # [out, r]
+        blocks = torch.zeros(rows.shape[0], groups, r, dtype=rows.dtype, device=rows.device)
+        blocks[torch.arange(rows.shape[0]), torch.arange(rows.shape[0]) % groups] = rows
+        return chunks, blocks.reshape(rows.shape[0], groups * r)
 
     def to_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.reshape(weight.shape[0], -1)
