@@ -30,9 +30,7 @@ bool cpu_has_avx2() {
 
 bool cpu_has_avx512() {
 #ifdef LORA_EXT_NF4_AVX2
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return ok && cpu_has_avx2();
+  return cpu_isa() >= Isa::kAvx512;  // unless LORA_EXT_CPU_CAPABILITY lowers it
 #else
   return false;
 #endif
