@@ -40,7 +40,7 @@ def test_row(nodeid: str) -> str:
     if head == "" or head == ids:
         return "(config_cls only)"
     head = head.rsplit("-", 1)[0] if "-" in head else head  # drop the model id / tuner method
-    return re.sub(r"^((True|False|torch\.\w+|None)-)+", "", head)
+    return re.sub(r"^((True|False|None|torch\.\w+|dtype\d+|bias_\w+)-)+", "", head)
 
 
 def compare(base: dict, other: dict, top: int, out) -> None:
@@ -71,8 +71,11 @@ def compare(base: dict, other: dict, top: int, out) -> None:
         rest = sum(len(v) for _, v in sorted(by_cause.items(), key=lambda kv: -len(kv[1]))[top:])
         print(f"- ... {len(by_cause) - top} more causes, {rest} tests", file=out)
     print("\n### by PEFT test row", file=out)
-    for row, count in collections.Counter(test_row(n) for n in regressions).most_common():
+    rows = collections.Counter(test_row(n) for n in regressions).most_common()
+    for row, count in rows[:top]:
         print(f"- {count}: {row}", file=out)
+    if len(rows) > top:
+        print(f"- ... {len(rows) - top} more rows", file=out)
 
 
 def merge(parts: list[dict]) -> dict:
@@ -92,6 +95,8 @@ def merge(parts: list[dict]) -> dict:
         for part in parts:
             reasons.update(part["fallback_reasons"])
         merged["fallback_reasons"] = dict(reasons.most_common())
+        merged["accelerate_calls_skipped_no_lora_linear"] = sum(
+            p.get("accelerate_calls_skipped_no_lora_linear", 0) for p in parts)
     return merged
 
 
@@ -115,8 +120,11 @@ def main(argv=None) -> int:
               f"{c['skipped']} |")
     for s in summaries:
         if s["mode"] == "accelerate" and s.get("lora_forwards"):
+            skipped = s.get("accelerate_calls_skipped_no_lora_linear", 0)
             print(f"\naccelerate: {s['fused_forwards']} of {s['lora_forwards']} LoRA layer forwards fused "
-                  f"({s['fused_share']:.1%}); fallbacks by reason:")
+                  f"({s['fused_share']:.1%})"
+                  + (f"; {skipped} models without a LoRA Linear were not passed to accelerate" if skipped else "")
+                  + "; fallbacks by reason:")
             for reason, count in s["fallback_reasons"].items():
                 print(f"- {count}: {reason}")
     for other in summaries[1:]:
