@@ -17,11 +17,12 @@ import sys
 
 def cause(message: str) -> str:
     """An error's first line with run-specific details folded, so equal causes group."""
+    message, at, where = message.partition(" [at ")  # the location of a failed assert stays as is
     text = re.sub(r"\{[^{}]*\}", "{...}", message)
     text = re.sub(r"\[[^\[\]]*\]", "[...]", text)
     text = re.sub(r"0x[0-9a-f]+", "0x...", text)
     text = re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "N", text)
-    return text[:200]
+    return text[:200] + (at + where if at else "")
 
 
 def test_function(nodeid: str) -> str:

@@ -289,8 +289,18 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def _first_line(excinfo) -> str:
+    """The exception's first line; for assertions also where in PEFT's test code they failed
+    (a bare `assert x` has no message, and grouping needs to tell them apart)."""
     text = str(excinfo.value).strip().splitlines()
-    return f"{excinfo.typename}: {text[0] if text else ''}"[:300]
+    line = f"{excinfo.typename}: {text[0] if text else ''}"[:300]
+    if isinstance(excinfo.value, AssertionError):
+        for entry in reversed(excinfo.traceback):
+            path = Path(str(entry.path))
+            if path.parent.name == "tests":
+                source = str(entry.statement).strip().splitlines()
+                line += f" [at {path.name}:{entry.lineno + 1}: {source[0][:120] if source else ''}]"
+                break
+    return line
 
 
 @pytest.hookimpl(hookwrapper=True)
