@@ -107,7 +107,7 @@ def _base_weight_and_bias(base: nn.Module):
     return (weight.t() if transposed else weight), bias
 
 
-def _adapter_reason(layer, name: str, dtype: torch.dtype, device: torch.device) -> str | None:
+def _adapter_reason(layer, name: str, device: torch.device) -> str | None:
     """Why adapter `name` cannot take the fused path (None when it can)."""
     if name in layer.lora_variant or layer.use_dora.get(name, False):
         return "a LoRA variant (DoRA, ...)"
@@ -151,7 +151,7 @@ def _static_reason(layer) -> str | None:
         return "a bias of another dtype or device than the weight"
     for name in layer.active_adapters:
         if name in layer.lora_A:
-            reason = _adapter_reason(layer, name, weight.dtype, weight.device)
+            reason = _adapter_reason(layer, name, weight.device)
             if reason is not None:
                 return f"adapter {name!r}: {reason}"
     return None
@@ -322,11 +322,7 @@ def _describe(slow: dict[str, str], per_reason: int = 3) -> str:
         shown = ", ".join(names[:per_reason]) + (f" and {len(names) - per_reason} more"
                                                  if len(names) > per_reason else "")
         parts.append(f"{reason} ({len(names)} layer{'s' * (len(names) > 1)}: {shown})")
-    text = "; ".join(parts)
-    if any("dtype" in reason for reason in by_reason):
-        text += (". For a bf16/fp16 base, pass autocast_adapter_dtype=False to peft.get_peft_model so "
-                 "the adapters share the base dtype.")
-    return text
+    return "; ".join(parts)
 
 
 class _AcceleratedTuner:
