@@ -109,7 +109,14 @@ def _base_weight_and_bias(base: nn.Module):
 
 def _adapter_reason(layer, name: str, device: torch.device) -> str | None:
     """Why adapter `name` cannot take the fused path (None when it can)."""
-    if name in layer.lora_variant or layer.use_dora.get(name, False):
+    variant = layer.lora_variant.get(name) if hasattr(layer.lora_variant, "get") else None
+    if layer.use_dora.get(name, False):
+        # DoRA on Linear/Conv1D is fused (ops.dora_linear has PEFT's DoraLinearLayer semantics)
+        if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+            return f"a LoRA variant ({type(variant).__name__})"
+        if name not in getattr(layer, "lora_magnitude_vector", {}):
+            return "DoRA without a magnitude vector"
+    elif name in layer.lora_variant:
         return "a LoRA variant (DoRA, ...)"
     if layer.lora_bias.get(name, False):
         return "lora_bias=True"
@@ -149,11 +156,13 @@ def _static_reason(layer) -> str | None:
         return f"base weight dtype {weight.dtype}"
     if bias is not None and (bias.dtype != weight.dtype or bias.device != weight.device):
         return "a bias of another dtype or device than the weight"
-    for name in layer.active_adapters:
-        if name in layer.lora_A:
-            reason = _adapter_reason(layer, name, weight.device)
-            if reason is not None:
-                return f"adapter {name!r}: {reason}"
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    for name in active:
+        reason = _adapter_reason(layer, name, weight.device)
+        if reason is not None:
+            return f"adapter {name!r}: {reason}"
+    if len(active) > 1 and any(layer.use_dora.get(name, False) for name in active):
+        return "several active adapters with DoRA among them"
     return None
 
 
@@ -176,6 +185,16 @@ class _FusedForward:
         weight, bias = _base_weight_and_bias(self.base_layer)
         (A, B, s, p, training), *others = adapters
         seed = _fresh_seed() if training and p > 0.0 else 0
+        name = next(n for n in self.active_adapters if n in self.lora_A)
+        if self.use_dora.get(name, False):
+            # PEFT's DoRA: magnitude over the detached norm of W + s·B·A, formed in the wider
+            # of the two dtypes as PEFT forms it
+            dtype = torch.promote_types(weight.dtype, A.dtype)
+            norm = ops.dora_weight_norm(weight.detach().to(dtype), A.detach().to(dtype),
+                                        B.detach().to(dtype), s)
+            magnitude = self.lora_magnitude_vector[name].weight
+            return ops.dora_linear(x, weight, bias, A, B, magnitude, s, p, seed, training,
+                                   weight_norm=norm)
         y = ops.lora_linear(x, weight, bias, A, B, s, p, seed, training=training)
         result_dtype = y.dtype
         for A, B, s, p, training in others:
@@ -220,6 +239,8 @@ class _FusedForward:
             p, training = _dropout_of(self.lora_dropout[name])
             adapters.append((self.lora_A[name].weight, self.lora_B[name].weight, float(scaling),
                              p, training))
+        if len(adapters) > 1 and any(self.use_dora.get(n, False) for n in self.active_adapters):
+            return None  # several active adapters with DoRA among them: PEFT's forward
         return adapters or None
 
 

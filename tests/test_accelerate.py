@@ -362,8 +362,34 @@ def test_half_base_with_fp32_adapters_is_fused_and_matches_peft(dtype, adapters,
     assert_matches_peft(ours, theirs, oracle, f"{dtype} base, fp32 adapters")
 
 
-def test_dora_falls_back(fused_calls):
-    _assert_falls_back_bitwise(peft_model(use_dora=True), fused_calls)
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_dora_is_fused_and_matches_peft(kind, train, monkeypatch):
+    """PEFT's DoRA layers (Linear and Conv1D) run ops.dora_linear, with PEFT's numbers."""
+    calls = []
+    original = ops.dora_linear
+    monkeypatch.setattr(ops, "dora_linear", lambda *a, **k: calls.append(a) or original(*a, **k))
+    model = peft_model(kind, dropout=0.1, use_dora=True)
+    model.train(train)
+    if train:  # dropout masks differ from PEFT's: compare without dropout, train mode
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    oracle_model = copy.deepcopy(model).double()
+    ids = token_ids()
+    theirs, oracle = forward_backward(model, ids), forward_backward(oracle_model, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: every layer is fused
+        lora_ext.accelerate(model)
+    ours = forward_backward(model, ids)
+    assert len(calls) == n_lora_layers(kind)
+    assert_matches_peft(ours, theirs, oracle, f"{kind} DoRA")
+
+
+def test_dora_with_two_active_adapters_falls_back(fused_calls):
+    model = peft_model(use_dora=True, adapters=("default", "other"))
+    model.base_model.set_adapter(["default", "other"])
+    _assert_falls_back_bitwise(model, fused_calls)
 
 
 def test_lora_bias_falls_back(fused_calls):

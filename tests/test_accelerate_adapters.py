@@ -97,7 +97,7 @@ def test_warning_names_each_reason_with_its_layers():
     text = " ".join(str(w.message) for w in record if "lora_ext.accelerate" in str(w.message))
     prefix = "base_model.model.model"
     assert "4 of 5 LoRA layers will run PEFT's own forward" in text
-    assert (f"adapter 'dora': a LoRA variant (DoRA, ...) (2 layers: {prefix}.layers.0.self_attn.q_proj, "
+    assert (f"several active adapters with DoRA among them (2 layers: {prefix}.layers.0.self_attn.q_proj, "
             f"{prefix}.layers.1.self_attn.q_proj)") in text
     assert f"hooks on the base layer (1 layer: {prefix}.layers.1.self_attn.v_proj)" in text
     assert f"a lora.Embedding layer (fused: LoRA on nn.Linear and Conv1D) (1 layer: {prefix}.embed_tokens)" in text
@@ -106,10 +106,10 @@ def test_warning_names_each_reason_with_its_layers():
 
 def test_adding_layers_to_an_accelerated_model_reports_the_new_reasons():
     model = lora_ext.accelerate(attention_only_model())
-    with pytest.warns(UserWarning, match=r"adapter 'dora': a LoRA variant .*gate_proj"):
+    with pytest.warns(UserWarning, match=r"adapter 'bias': lora_bias=True .*gate_proj"):
         warnings.simplefilter("always")
-        model.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["gate_proj"], use_dora=True))
-        model.base_model.set_adapter("dora")
+        model.add_adapter("bias", peft.LoraConfig(r=4, target_modules=["gate_proj"], lora_bias=True))
+        model.base_model.set_adapter("bias")
         lora_ext.accelerate(model)  # the active adapter changed: accelerate reports again when asked
     assert type(model.base_model.model.model.layers[0].mlp.gate_proj) is fused_lora_linear_class()
 
