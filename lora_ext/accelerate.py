@@ -10,9 +10,10 @@ whose inject_adapter swaps the layers that later add_adapter/load_adapter calls 
 
 The fused forward reproduces PEFT's Linear.forward, also under torch.autocast (the op's
 autocast rule) and with adapters of another dtype than the base (PEFT's fp32 adapters over
-a bf16/fp16 base: the op runs their branch in fp32, as PEFT). Whatever it does not cover
-(DoRA and other LoRA variants, lora_bias, adapter_names mixed batches, quantised or custom
-base layers, hooks on the inner modules) runs PEFT's own forward, decided per call.
+a bf16/fp16 base: the op runs their branch in fp32, as PEFT), and for DoRA adapters
+(ops.dora_linear). Whatever it does not cover (other LoRA variants, several active adapters
+with DoRA among them, lora_bias, adapter_names mixed batches, quantised or custom base
+layers, hooks on the inner modules) runs PEFT's own forward, decided per call.
 
 Dropout: PEFT's nn.Dropout draws a fresh mask per call from torch's RNG; the fused layer
 draws a fresh Philox seed per call from torch's default CPU generator (for inputs on any
@@ -117,7 +118,7 @@ def _adapter_reason(layer, name: str, device: torch.device) -> str | None:
         if name not in getattr(layer, "lora_magnitude_vector", {}):
             return "DoRA without a magnitude vector"
     elif name in layer.lora_variant:
-        return "a LoRA variant (DoRA, ...)"
+        return f"a LoRA variant ({type(variant).__name__})"
     if layer.lora_bias.get(name, False):
         return "lora_bias=True"
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
