@@ -95,13 +95,6 @@ void gemv_scalar(const float* xf, int64_t rows, int64_t in, const uint8_t* packe
 }
 
 #ifdef LORA_EXT_NF4_AVX2
-LORA_EXT_AVX2_FN inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // Up to kRows x rows per pass over a packed row, accumulators in registers.
 template <int kRows>
 LORA_EXT_AVX2_FN void gemv_rows_avx2(const float* xf, int64_t in, const uint8_t* packed,

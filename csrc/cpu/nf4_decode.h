@@ -53,6 +53,14 @@ inline void dequant_scalar(const uint8_t* packed, const float* absmax, int bs_sh
 
 #ifdef LORA_EXT_NF4_AVX2
 // ---------------------------------------------------------------- AVX2
+// The sum of the eight lanes (the GEMV and the GEMM share it).
+LORA_EXT_AVX2_FN inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 struct Lut16 {
   __m256 lo, hi;
 };

@@ -92,13 +92,6 @@ void fwd_scalar(int mr, const float* x, int64_t ldx, const float* w, int64_t ldw
 }
 
 #ifdef LORA_EXT_NF4_AVX2
-LORA_EXT_AVX2_FN inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // 3 rows x 4 outputs: 12 accumulators, 3 x vectors and one weight vector fill the 16 registers.
 template <int kMR>
 LORA_EXT_AVX2_FN __attribute__((noinline)) void fwd_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw,
@@ -123,7 +116,7 @@ LORA_EXT_AVX2_FN __attribute__((noinline)) void fwd_avx2(const float* x, int64_t
       if (!last) {
         _mm256_storeu_ps(scratch + (r * kNR + c) * 8, acc[r][c]);
       } else if (c < ncols) {
-        y[r * ldy + c] = hsum8(acc[r][c]);
+        y[r * ldy + c] = nf4_decode::hsum(acc[r][c]);
       }
     }
   }
