@@ -7,7 +7,7 @@ REBUILD_HINT = (
     "Rebuild lora-ext against the torch you have: "
     "`pip install --no-build-isolation --force-reinstall --no-deps .` from a source checkout "
     "(or `pip install --no-build-isolation lora-ext` from the sdist), "
-    "or install the wheel built for your torch and CUDA (README, 'Wheels')."
+    "or install the wheel built for your torch and CUDA (docs/install.md, 'Wheels')."
 )
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (torch 2.14.1 + build, test and benchmark dependencies) on first use, then
 # builds lora_ext._C in place. Re-running it only rebuilds.
-# Honours FORCE_CUDA, TORCH_CUDA_ARCH_LIST, CUDA_HOME and MAX_JOBS (see README).
+# Honours FORCE_CUDA, TORCH_CUDA_ARCH_LIST, CUDA_HOME and MAX_JOBS (see docs/install.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
