@@ -240,7 +240,9 @@ def test_family_selection():
         assert harness.main(args) == 2
 
 
-def test_time_budget_cuts_repeats_but_keeps_a_minimum():
+def test_time_budget_cuts_repeats_but_keeps_a_minimum(monkeypatch):
+    from lora_ext.benchmark import _harness
+    monkeypatch.setattr(_harness, "BUDGET_SLACK_S", 1e9)   # cut repeats, never skip (a busy machine)
     fam = harness.get_family("lora")
     cases = fam.cases("quick", features=(32, 48), tokens=8, dtypes=("float32",), dropouts=(0.0,))
     doc = harness.run_benchmark("lora", cases, device="cpu", repeats=10, warmup=1,
@@ -269,3 +271,58 @@ def test_git_commit_of_a_checkout():
         pytest.skip("lora_ext is not imported from a git checkout")
     info = harness.git_commit()
     assert info["commit"] == head.stdout.strip() and isinstance(info["dirty"], bool)
+
+
+def test_time_budget_skips_a_case_whose_first_call_says_it_cannot_fit(monkeypatch):
+    # Pretend every step takes 1 s (as bf16 GEMMs do on CPUs without native bf16): with a 0.1 s
+    # budget, 3 rounds of 2 contestants would take ~6 s, past the share plus the slack.
+    fam = harness.get_family("lora")
+    cases = fam.cases("quick", features=(32, 48), tokens=8, dtypes=("float32",), dropouts=(0.0,))[:2]
+    from lora_ext.benchmark import _harness
+    real = _harness._time_ms
+    monkeypatch.setattr(_harness, "_time_ms", lambda fn, device, timer: real(fn, device, timer) + 1000.0)
+    doc = harness.run_benchmark("lora", cases, device="cpu", repeats=10, warmup=2,
+                                contestants=["base", "lora_ext"], progress=False, max_seconds=0.1)
+    for res in doc["results"]:
+        assert res["budget_skipped"]["estimated_s"] >= 6.0
+        assert res["measurements"] == {}
+        assert all(v is None for v in res["ratios"].values())
+    table = harness.format_table(doc)
+    assert "not timed" in table and "n/a" in table
+
+
+def test_time_budget_drops_warmup_before_repeats(monkeypatch):
+    from lora_ext.benchmark import _harness
+    monkeypatch.setattr(_harness, "BUDGET_SLACK_S", 1e9)
+    fam = harness.get_family("lora")
+    cases = fam.cases("quick", features=(32, 48), tokens=8, dtypes=("float32",), dropouts=(0.0,))[:1]
+    doc = harness.run_benchmark("lora", cases, device="cpu", repeats=5, warmup=3,
+                                contestants=["base", "lora_ext"], progress=False, max_seconds=1e-6)
+    res = doc["results"][0]
+    assert res["warmup_cut"] == {"from": 3, "to": 0}
+    assert all(m["n"] == harness.MIN_REPEATS for m in res["measurements"].values())
+    assert "no warm-up rounds" in harness.format_table(doc)
+    assert doc["config"]["elapsed_s"] > 0
+
+
+def test_time_budget_predicts_a_slow_case_from_earlier_ones(monkeypatch):
+    # The first case's first calls give seconds per FLOP; a later case of the same dtype with
+    # 32768x the FLOPs is predicted to overrun and is skipped without a single call.
+    from lora_ext.benchmark import _harness
+    fam = harness.get_family("lora")
+    small = fam.cases("quick", features=(32, 32), tokens=8, dtypes=("float32",), dropouts=(0.0,))[:1]
+    big = fam.cases("quick", features=(1024, 1024), tokens=256, dtypes=("float32",), dropouts=(0.0,))[:1]
+    calls = []
+    real = _harness._time_ms
+
+    def slow(fn, device, timer):
+        calls.append(1)
+        return real(fn, device, timer) + 50.0     # 50 ms a step at 32x32x8: the big case ~30 min
+    monkeypatch.setattr(_harness, "_time_ms", slow)
+    monkeypatch.setattr(_harness, "BUDGET_SLACK_S", 20.0)     # room for the small case on a busy machine
+    doc = harness.run_benchmark("lora", small + big, device="cpu", repeats=3, warmup=0,
+                                contestants=["base", "lora_ext"], progress=False, max_seconds=0.5)
+    first, second = doc["results"]
+    assert "budget_skipped" not in first and first["measurements"]
+    assert second["budget_skipped"]["estimated_s"] > 100 and second["first_step_s"] == {}
+    assert len(calls) == 2 + 2 * harness.MIN_REPEATS    # the big case made no call

@@ -57,6 +57,9 @@ DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float6
 # repeats (never fewer than MIN_REPEATS), and the table says so.
 DEFAULT_BUDGET_S = {("cpu", "quick"): 90.0}
 MIN_REPEATS = 3
+# A case is timed if its MIN_REPEATS rounds fit its share of the budget plus this much (or plus
+# the share itself, if larger); beyond that it is skipped, so cheap cases always run.
+BUDGET_SLACK_S = 2.0
 
 # Defaults for repeats/warm-up when not given: (device type, preset) -> count.
 DEFAULT_REPEATS = {("cpu", "quick"): 12, ("cpu", "full"): 8, ("cuda", "quick"): 50, ("cuda", "full"): 50}
@@ -266,11 +269,17 @@ class _Progress:
 
 def run_case(family: Family, case: Case, device: torch.device, names: Sequence[str], repeats: int,
              warmup: int, progress: _Progress | None = None, budget_s: float | None = None,
-             cpu_timer: str = "wall") -> dict:
+             cpu_timer: str = "wall", step_hint_s: float | None = None) -> dict:
     """Time the named contestants on one case, interleaved round-robin. Returns the case record.
 
     budget_s: once the case has taken this long (set-up included), stop after the current
     round, keeping at least MIN_REPEATS timed rounds; the record says how many were taken.
+    The first step of each contestant (the correctness check) is timed: from it the case's
+    cost is estimated, warm-up rounds are dropped when they do not fit, and a case whose
+    minimum rounds would overrun its share by more than BUDGET_SLACK_S is not timed at all
+    (record["budget_skipped"] says why), so a slow CPU cannot stretch a run far past its budget.
+    step_hint_s: a step's expected cost from earlier cases (see run_benchmark); a case that it
+    says cannot fit is skipped before its first call.
     """
     started = time.perf_counter()
     record: dict = {"case": case.as_dict(), "measurements": {}, "skipped": {}, "check": {}, "info": {}}
@@ -287,8 +296,15 @@ def run_case(family: Family, case: Case, device: torch.device, names: Sequence[s
         if name in record["skipped"] and progress:
             progress.update(per_contestant)
 
-    # Once per case: do the contestants compute the same function? (also a first warm-up call)
+    # Once per case: do the contestants compute the same function? (also a first warm-up call,
+    # timed: it estimates the case's cost against its share of the budget)
+    first_step_s: dict[str, float] = {}
+    min_rounds = min(MIN_REPEATS, repeats)
+    deadline = None if budget_s is None else started + budget_s + max(budget_s, BUDGET_SLACK_S)
     for name, runner in list(runners.items()):
+        if deadline is not None and (first_step_s or step_hint_s is not None) and _over_budget(
+                record, first_step_s, len(runners), min_rounds, deadline, budget_s, step_hint_s):
+            break
         try:
             if runner.forward is not None and family.check is not None:
                 with torch.no_grad():
@@ -296,7 +312,7 @@ def run_case(family: Family, case: Case, device: torch.device, names: Sequence[s
                 if err is not None:
                     tol = family.tolerance(case)
                     record["check"][name] = {"max_rel_err": err, "tolerance": tol, "ok": err <= tol}
-            runner.step()
+            first_step_s[name] = _time_ms(runner.step, device, "wall") / 1000.0
         except Exception as error:
             record["skipped"][name] = f"failed to run: {type(error).__name__}: {error}"
             del runners[name]
@@ -305,7 +321,20 @@ def run_case(family: Family, case: Case, device: torch.device, names: Sequence[s
         if runner.info:
             record["info"][name] = runner.info
 
+    record["first_step_s"] = {n: round(s, 4) for n, s in first_step_s.items()}
     order = list(runners)
+    if deadline is not None and order and ("budget_skipped" in record or _over_budget(
+            record, first_step_s, len(runners), min_rounds, deadline, budget_s)):
+        if progress:
+            progress.update(per_contestant * len(order))
+        order, per_contestant = [], 0
+    elif deadline is not None and warmup and order:
+        round_s = sum(first_step_s[n] for n in order)
+        if round_s * (warmup + min_rounds) > started + budget_s - time.perf_counter():
+            record["warmup_cut"] = {"from": warmup, "to": 0}   # the first call warmed up already
+            if progress:
+                progress.update(warmup * len(order))
+            per_contestant, warmup = per_contestant - warmup, 0
     samples: dict[str, list[float]] = {name: [] for name in order}
     gc_was_enabled = gc.isenabled()
     gc.collect()
@@ -330,7 +359,8 @@ def run_case(family: Family, case: Case, device: torch.device, names: Sequence[s
         if gc_was_enabled:
             gc.enable()
     for name in order:
-        record["measurements"][name] = summarize(samples[name])
+        if samples[name]:         # none when the case was skipped for the budget
+            record["measurements"][name] = summarize(samples[name])
     record["ratios"] = case_ratios(family, record["measurements"])
     if family.work is not None:
         record["work"] = dict(family.work(case))
@@ -340,6 +370,21 @@ def run_case(family: Family, case: Case, device: torch.device, names: Sequence[s
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return record
+
+
+def _over_budget(record: dict, first_step_s: Mapping[str, float], contestants: int, min_rounds: int,
+                 deadline: float, share_s: float, step_hint_s: float | None = None) -> bool:
+    """Would the rest of the case (the first calls not yet made, then the minimum timed rounds)
+    end past its deadline? Unmeasured contestants are assumed to cost the mean of the measured
+    ones (or step_hint_s before any), a first call twice a step (the check's forward, then a
+    step). Records why if so."""
+    mean = statistics.fmean(first_step_s.values()) if first_step_s else step_hint_s
+    unmeasured = contestants - len(first_step_s)
+    rest = 2 * mean * unmeasured + (sum(first_step_s.values()) + mean * unmeasured) * min_rounds
+    if time.perf_counter() + rest <= deadline:
+        return False
+    record["budget_skipped"] = {"estimated_s": round(rest, 2), "budget_s": round(share_s, 2)}
+    return True
 
 
 def case_ratios(family: Family, measurements: Mapping[str, Mapping]) -> dict:
@@ -507,15 +552,24 @@ def run_benchmark(family: Family | str, cases: Sequence[Case], device: str | tor
     counters = _cpu_counters()
     started = time.perf_counter()
     try:
+        # Seconds per FLOP of one step, per dtype, from the first calls of earlier cases: it
+        # predicts a case's first call, which on a slow path can alone be far past the budget.
+        seconds_per_flop: dict[str, float] = {}
         for i, case in enumerate(cases):
             bar.case(case.id)
-            budget = None
+            budget = hint = None
+            flops = (family.work(case).get("flops") if family.work is not None else None) or None
             if max_seconds:
                 budget = max(0.0, max_seconds - (time.perf_counter() - started)) / (len(cases) - i)
-            doc["results"].append(run_case(family, case, device, names, repeats, warmup, bar, budget,
-                                           cpu_timer))
+                if flops and case.dtype in seconds_per_flop:
+                    hint = seconds_per_flop[case.dtype] * flops
+            record = run_case(family, case, device, names, repeats, warmup, bar, budget, cpu_timer, hint)
+            if flops and record.get("first_step_s"):
+                seconds_per_flop[case.dtype] = statistics.fmean(record["first_step_s"].values()) / flops
+            doc["results"].append(record)
     finally:
         bar.close()
+    doc["config"]["elapsed_s"] = round(time.perf_counter() - started, 1)
     doc["environment"]["loadavg_end"] = _loadavg()
     # CPU time of other processes while we ran, as a share of all cores: noise on CPU timings
     doc["environment"]["other_processes_cpu_share"] = other_cpu_share(counters, _cpu_counters())

@@ -112,6 +112,19 @@ def _notes(doc: Mapping) -> list[str]:
         notes.append(f"{len(short)} of {len(doc['results'])} cases took fewer repeats (down to "
                      f"{fewest}) to keep within the {doc['config'].get('max_seconds'):g} s budget "
                      "(--max-seconds; 0 = none)")
+    skipped = [res for res in doc["results"] if res.get("budget_skipped")]
+    for res in skipped:
+        est = res["budget_skipped"]
+        notes.append(f"{res['case']['id']}: not timed: its first calls and {MIN_REPEATS} rounds would take about "
+                     f"{est['estimated_s']:g} s more, far past its {est['budget_s']:g} s share of the budget "
+                     "(first calls measured; --max-seconds 0 times every case)")
+    cut = sum(1 for res in doc["results"] if res.get("warmup_cut"))
+    if cut:
+        notes.append(f"{cut} cases took no warm-up rounds beyond their first call, to fit the budget")
+    budget, elapsed = doc["config"].get("max_seconds"), doc["config"].get("elapsed_s")
+    if budget and elapsed is not None and elapsed > budget:
+        notes.append(f"the run took {elapsed:g} s against its {budget:g} s budget (first calls and "
+                     "the minimum rounds are never cut)")
     share = env.get("other_processes_cpu_share")
     if env.get("device_type") == "cpu" and share is not None and share > 0.05:
         notes.append(f"other processes used {100 * share:.0f}% of all CPU time during the run: "
