@@ -142,10 +142,10 @@ std::tuple<Tensor, Tensor, Tensor> dora_linear_forward(
     const auto acc = acc_type(x.scalar_type());
     const Tensor z_acc = cpu::fused_shrink(x2d, lora_A, dropout_p, params);
     const Tensor low_rank = at::mm(z_acc, scaled_B_t.to(acc));
-    const Tensor base = at::mm(x2d.to(gemm), weight.to(gemm).t()).to(acc);
+    Tensor y_acc = at::mm(x2d.to(gemm), weight.to(gemm).t()).to(acc).contiguous();  // x·Wᵀ, then y
     const Tensor wt = weight.t().to(acc).contiguous();
-    const Tensor hd = (base - cpu::dropped_rows_product(x2d, wt, params)).div_(1.0 - dropout_p).add_(low_rank);
-    Tensor y_acc = base.add_(low_rank).addcmul_(hd, g.to(acc) - 1);
+    const Tensor hd = cpu::dropout_corrected_outputs(x2d, wt, y_acc, low_rank, g.to(acc) - 1, dropout_p,
+                                                     cpu::DroppedElements(x2d.size(0), in, params));
     if (has_bias) y_acc.add_(*bias);
     z = z_acc.to(x.scalar_type());
     hm = hd.to(x.scalar_type());
@@ -196,11 +196,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
   if (need_B) grad_B = at::mm(gg.t(), z).mul_(scaling);
   if (!need_x && !need_A) return {grad_x, grad_A, grad_B, grad_m};
   const Tensor grad_z = at::mm(gg, lora_B).mul_(scaling);
-  if (need_x) grad_x = at::mm(grad_z, lora_A);
   const auto gemm = gemm_type(x);
   if (dropout_p == 0.0) {
     if (need_A) grad_A = at::mm(grad_z.t(), x2d);
-    if (need_x) grad_x = grad_x.to(gemm).addmm_(gg.to(gemm), weight.to(gemm)).to(x.scalar_type());
+    if (need_x) {
+      grad_x = at::mm(grad_z, lora_A).to(gemm).addmm_(gg.to(gemm), weight.to(gemm)).to(x.scalar_type());
+    }
   } else if (!x.is_cuda()) {
     // grad_x = grad_y·W + (m/q) ⊙ (G1 + grad_z·A) with G1 = ((g - 1) ⊙ grad_y)·W. Since
     // (m/q) ⊙ G1 = G1/q - ((1 - m)/q) ⊙ G1, one base GEMM of (1 + (g - 1)/q) ⊙ grad_y gives all
@@ -208,22 +209,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
     const auto params = core::make_dropout_params(dropout_p, seed, offset);
     const double q = 1.0 - dropout_p;
     if (need_x) {
-      grad_x = grad_x.contiguous();
-      dropout_apply(Tensor(), Tensor(), grad_x, params);
-      grad_x = grad_x.to(gemm).addmm_((g2d * ((g - 1) / q + 1)).to(gemm), weight.to(gemm));
+      // (m/q) ⊙ (grad_z·A) as (grad_z/q)·A with its dropped elements zeroed; the same list of
+      // dropped elements then serves the dot products.
+      const cpu::DroppedElements dropped(x2d.size(0), in, params);
+      grad_x = at::mm(grad_z / q, lora_A).to(gemm);
+      cpu::zero_dropped(grad_x, dropped);
+      grad_x.addmm_((g2d * ((g - 1) / q + 1)).to(gemm), weight.to(gemm));
       const Tensor wt = weight.t().to(acc).contiguous();
-      cpu::subtract_dropped_dots(grad_x, (g2d * (g - 1)).to(acc), wt, 1.0 / q, params);
+      cpu::subtract_dropped_dots(grad_x, (g2d * (g - 1)).to(acc), wt, 1.0 / q, dropped);
       grad_x = grad_x.to(x.scalar_type());
     }
-    if (need_A) {
-      const Tensor x_contig = x2d.contiguous();
-      const Tensor dropped = at::empty_like(x_contig);
-      dropout_apply(x_contig, dropped, Tensor(), params);
-      grad_A = at::mm(grad_z.t(), dropped);
+    if (need_A) {  // grad_zᵀ·drop(x) is LoRA's grad_A for the gradient gg: by tiles, no dropped copy
+      grad_A = std::get<1>(cpu::fused_backward(gg, x2d, z, weight, lora_A, lora_B, scaling, dropout_p,
+                                               params, {false, true, false}));
     }
   } else {
     // grad_x = grad_y·W + mask ⊙ ((g - 1) ⊙ grad_y)·W + mask ⊙ grad_z·A, the mask regenerated.
-    if (need_x) grad_x.addmm_(g2d * (g - 1), weight);
+    if (need_x) grad_x = at::mm(grad_z, lora_A).addmm_(g2d * (g - 1), weight);
     const auto params = core::make_dropout_params(dropout_p, seed, offset);
     const Tensor x_contig = need_A ? x2d.contiguous() : Tensor();
     const Tensor dropped = need_A ? at::empty_like(x_contig) : Tensor();

@@ -226,6 +226,15 @@ def test_dora_linear_shapes(dtype, lead, in_f, out_f, r, dropout_p):
     assert_dora_matches_reference(inputs, dropout_p=dropout_p, seed=3, offset=5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("rows,in_f,out_f", [(300, 70, 200), (257, 33, 128), (5, 300, 64)], ids=str)
+def test_dora_linear_dropout_across_column_blocks_and_row_chunks(dtype, rows, in_f, out_f):
+    # The CPU dropout path works on blocks of 64 output columns and chunks of 256 rows: full
+    # blocks, a partial last block, and more than one chunk.
+    inputs = DoraInputs((rows, in_f), out_f, 8, dtype=dtype)
+    assert_dora_matches_reference(inputs, dropout_p=0.1, seed=11, offset=3)
+
+
 DORA_LAYOUTS = {
     "x_transposed": {"x": "transposed"},
     "x_strided": {"x": "strided"},

@@ -4,6 +4,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cstring>
+#include <memory>
 #include <vector>
 
 #include "isa.h"
@@ -13,86 +16,294 @@ namespace lora_ext {
 namespace cpu {
 namespace {
 
-// s[o] += a · w[o]: the row of Wᵀ of one dropped element.
-template <typename Acc>
-LORA_EXT_FORCE_INLINE void axpy_body(Acc* s, Acc a, const Acc* w, int64_t n) {
-  for (int64_t o = 0; o < n; ++o) s[o] += a * w[o];
-}
-template <typename Acc>
-LORA_EXT_FORCE_INLINE Acc dot_body(const Acc* a, const Acc* b, int64_t n) {
-  // Eight partial sums: vectorisable without reassociating one long chain.
-  Acc part[8] = {};
-  int64_t o = 0;
-  for (; o + 8 <= n; o += 8) {
-    for (int l = 0; l < 8; ++l) part[l] += a[o + l] * b[o + l];
-  }
-  Acc sum = 0;
-  for (int l = 0; l < 8; ++l) sum += part[l];
-  for (; o < n; ++o) sum += a[o] * b[o];
-  return sum;
-}
-LORA_EXT_ISA_CLONES(void, axpy_f32, (float* s, float a, const float* w, int64_t n), (s, a, w, n),
-                    axpy_body<float>)
-LORA_EXT_ISA_CLONES(void, axpy_f64, (double* s, double a, const double* w, int64_t n), (s, a, w, n),
-                    axpy_body<double>)
-LORA_EXT_ISA_CLONES(float, dot_f32, (const float* a, const float* b, int64_t n), (a, b, n),
-                    dot_body<float>)
-LORA_EXT_ISA_CLONES(double, dot_f64, (const double* a, const double* b, int64_t n), (a, b, n),
-                    dot_body<double>)
-inline void axpy(float* s, float a, const float* w, int64_t n) { axpy_f32(s, a, w, n); }
-inline void axpy(double* s, double a, const double* w, int64_t n) { axpy_f64(s, a, w, n); }
-inline float dot(const float* a, const float* b, int64_t n) { return dot_f32(a, b, n); }
-inline double dot(const double* a, const double* b, int64_t n) { return dot_f64(a, b, n); }
+// Output columns per block: a block's accumulators stay in registers, and the block's
+// columns of Wᵀ ([in] x kBlock, 256 KB in fp32 at in = 1024) stay in L2 while every row that
+// drops an element reads them; one dropped element then costs kBlock FMAs from L2 per block
+// instead of a whole row of Wᵀ from memory.
+constexpr int64_t kBlock = 64;
+constexpr int64_t kRowChunk = 256;  // rows per task: tasks = column blocks x row chunks
 
-// Calls f(t, k) for every dropped element of rows [t0, t1) of a [rows, in] tensor, row by row.
-template <typename Acc, typename F>
-void for_dropped(int64_t t0, int64_t t1, int64_t in, const core::DropoutParams& params, F&& f) {
-  std::vector<Acc> m(in);
+// A 64-byte vector of Acc in GCC's generic vector extension: each ISA clone lowers it to its
+// own registers (one zmm, two ymm or four xmm). Written this way because the plain loops were
+// unrolled over elements and left scalar, with the accumulators on the stack.
+template <typename Acc>
+struct Vec64 {
+  typedef Acc type __attribute__((vector_size(64)));
+  static constexpr int64_t kLanes = 64 / sizeof(Acc);
+  static constexpr int64_t kPerBlock = kBlock / kLanes;
+  // By reference: a vector returned by value changes the ABI between the clones (-Wpsabi).
+  static LORA_EXT_FORCE_INLINE void load(type& v, const Acc* p) { std::memcpy(&v, p, sizeof(v)); }
+};
+
+// s[t, 0:width] = Σ over row t's dropped k of x[t, k] · wt[k, 0:width] for rows [t0, t1), with
+// wt pointing at the block's first column (row stride ldw).
+template <typename Acc>
+LORA_EXT_FORCE_INLINE void product_rows_full_body(Acc* s, int64_t lds, const Acc* x, int64_t ldx,
+                                                  const Acc* wt, int64_t ldw,
+                                                  const DroppedElements* d, int64_t t0, int64_t t1,
+                                                  int64_t /*width == kBlock*/) {
+  using V = Vec64<Acc>;
   for (int64_t t = t0; t < t1; ++t) {
-    dropout_multipliers(m.data(), t * in, in, params);
-    for (int64_t k = 0; k < in; ++k) {
-      if (m[k] == Acc(0)) f(t, k);
+    typename V::type acc[V::kPerBlock] = {};
+    const int32_t* ks = d->row(t);
+    const Acc* xr = x + t * ldx;
+    for (int32_t i = 0; i < d->count(t); ++i) {
+      const Acc* w = wt + ks[i] * ldw;
+      const typename V::type a = typename V::type{} + xr[ks[i]];
+      for (int64_t j = 0; j < V::kPerBlock; ++j) {
+        typename V::type wj;
+        V::load(wj, w + j * V::kLanes);
+        acc[j] += a * wj;
+      }
+    }
+    std::memcpy(s + t * lds, acc, sizeof(acc));
+  }
+}
+template <typename Acc>
+LORA_EXT_FORCE_INLINE void product_rows_tail_body(Acc* s, int64_t lds, const Acc* x, int64_t ldx,
+                                                  const Acc* wt, int64_t ldw,
+                                                  const DroppedElements* d, int64_t t0, int64_t t1,
+                                                  int64_t width) {
+  for (int64_t t = t0; t < t1; ++t) {
+    Acc acc[kBlock] = {};
+    const int32_t* ks = d->row(t);
+    for (int32_t i = 0; i < d->count(t); ++i) {
+      const Acc a = x[t * ldx + ks[i]];
+      const Acc* w = wt + ks[i] * ldw;
+      for (int64_t o = 0; o < width; ++o) acc[o] += a * w[o];
+    }
+    for (int64_t o = 0; o < width; ++o) s[t * lds + o] = acc[o];
+  }
+}
+
+// partial[j] += gy[t, 0:width] · wt[k_j, 0:width] for the dropped elements j of rows [t0, t1)
+// (numbered from the chunk's first), wt and gy pointing at the block's first column.
+template <typename Acc>
+LORA_EXT_FORCE_INLINE void dots_rows_full_body(Acc* partial, const Acc* gy, int64_t ldg,
+                                               const Acc* wt, int64_t ldw,
+                                               const DroppedElements* d, int64_t t0, int64_t t1,
+                                               int64_t /*width == kBlock*/) {
+  using V = Vec64<Acc>;
+  for (int64_t t = t0; t < t1; ++t) {
+    typename V::type g[V::kPerBlock];
+    for (int64_t j = 0; j < V::kPerBlock; ++j) V::load(g[j], gy + t * ldg + j * V::kLanes);
+    const int32_t* ks = d->row(t);
+    for (int32_t i = 0; i < d->count(t); ++i) {
+      const Acc* w = wt + ks[i] * ldw;
+      typename V::type sum = {}, wj;
+      for (int64_t j = 0; j < V::kPerBlock; ++j) {
+        V::load(wj, w + j * V::kLanes);
+        sum += g[j] * wj;
+      }
+      Acc total = 0;
+      for (int64_t l = 0; l < V::kLanes; ++l) total += sum[l];
+      *partial++ += total;
+    }
+  }
+}
+template <typename Acc>
+LORA_EXT_FORCE_INLINE void dots_rows_tail_body(Acc* partial, const Acc* gy, int64_t ldg,
+                                               const Acc* wt, int64_t ldw,
+                                               const DroppedElements* d, int64_t t0, int64_t t1,
+                                               int64_t width) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int32_t* ks = d->row(t);
+    for (int32_t i = 0; i < d->count(t); ++i) {
+      const Acc* w = wt + ks[i] * ldw;
+      Acc sum = 0;
+      for (int64_t o = 0; o < width; ++o) sum += gy[t * ldg + o] * w[o];
+      *partial++ += sum;
     }
   }
 }
 
+#define LORA_EXT_DORA_DROPOUT_CLONES(Acc, SUFFIX)                                                  \
+  LORA_EXT_ISA_CLONES(void, product_rows_full_##SUFFIX,                                            \
+                      (Acc * s, int64_t lds, const Acc* x, int64_t ldx, const Acc* wt, int64_t ldw, \
+                       const DroppedElements* d, int64_t t0, int64_t t1, int64_t width),           \
+                      (s, lds, x, ldx, wt, ldw, d, t0, t1, width), (product_rows_full_body<Acc>)) \
+  LORA_EXT_ISA_CLONES(void, product_rows_tail_##SUFFIX,                                            \
+                      (Acc * s, int64_t lds, const Acc* x, int64_t ldx, const Acc* wt, int64_t ldw, \
+                       const DroppedElements* d, int64_t t0, int64_t t1, int64_t width),           \
+                      (s, lds, x, ldx, wt, ldw, d, t0, t1, width), (product_rows_tail_body<Acc>))     \
+  LORA_EXT_ISA_CLONES(void, dots_rows_full_##SUFFIX,                                               \
+                      (Acc * partial, const Acc* gy, int64_t ldg, const Acc* wt, int64_t ldw,       \
+                       const DroppedElements* d, int64_t t0, int64_t t1, int64_t width),           \
+                      (partial, gy, ldg, wt, ldw, d, t0, t1, width), (dots_rows_full_body<Acc>)) \
+  LORA_EXT_ISA_CLONES(void, dots_rows_tail_##SUFFIX,                                               \
+                      (Acc * partial, const Acc* gy, int64_t ldg, const Acc* wt, int64_t ldw,       \
+                       const DroppedElements* d, int64_t t0, int64_t t1, int64_t width),           \
+                      (partial, gy, ldg, wt, ldw, d, t0, t1, width), (dots_rows_tail_body<Acc>))
+LORA_EXT_DORA_DROPOUT_CLONES(float, f32)
+LORA_EXT_DORA_DROPOUT_CLONES(double, f64)
+#undef LORA_EXT_DORA_DROPOUT_CLONES
+
+void product_rows(float* s, int64_t lds, const float* x, int64_t ldx, const float* wt, int64_t ldw,
+                  const DroppedElements* d, int64_t t0, int64_t t1, int64_t width) {
+  (width == kBlock ? product_rows_full_f32 : product_rows_tail_f32)(s, lds, x, ldx, wt, ldw, d, t0,
+                                                                    t1, width);
+}
+void product_rows(double* s, int64_t lds, const double* x, int64_t ldx, const double* wt,
+                  int64_t ldw, const DroppedElements* d, int64_t t0, int64_t t1, int64_t width) {
+  (width == kBlock ? product_rows_full_f64 : product_rows_tail_f64)(s, lds, x, ldx, wt, ldw, d, t0,
+                                                                    t1, width);
+}
+void dots_rows(float* partial, const float* gy, int64_t ldg, const float* wt, int64_t ldw,
+               const DroppedElements* d, int64_t t0, int64_t t1, int64_t width) {
+  (width == kBlock ? dots_rows_full_f32 : dots_rows_tail_f32)(partial, gy, ldg, wt, ldw, d, t0, t1,
+                                                              width);
+}
+void dots_rows(double* partial, const double* gy, int64_t ldg, const double* wt, int64_t ldw,
+               const DroppedElements* d, int64_t t0, int64_t t1, int64_t width) {
+  (width == kBlock ? dots_rows_full_f64 : dots_rows_tail_f64)(partial, gy, ldg, wt, ldw, d, t0, t1,
+                                                              width);
+}
+
+// On a block of rows [t0, t1) x columns [0, width) (pointers at its first column, all with row
+// stride ld), with hd holding S on entry: hd = (base - S) / q + lr and base = base + lr +
+// gm1 ⊙ hd, the DoRA outputs, while the block is still in cache.
+template <typename Acc>
+LORA_EXT_FORCE_INLINE void epilogue_body(Acc* hd, Acc* base, const Acc* lr, const Acc* gm1,
+                                         int64_t ld, Acc q, int64_t t0, int64_t t1, int64_t width) {
+  for (int64_t t = t0; t < t1; ++t) {
+    Acc* h = hd + t * ld;
+    Acc* b = base + t * ld;
+    const Acc* l = lr + t * ld;
+    for (int64_t o = 0; o < width; ++o) {
+      const Acc v = (b[o] - h[o]) / q + l[o];
+      h[o] = v;
+      b[o] = b[o] + l[o] + gm1[o] * v;
+    }
+  }
+}
+LORA_EXT_ISA_CLONES(void, epilogue_f32, (float* hd, float* base, const float* lr, const float* gm1,
+                    int64_t ld, float q, int64_t t0, int64_t t1, int64_t width),
+                    (hd, base, lr, gm1, ld, q, t0, t1, width), epilogue_body<float>)
+LORA_EXT_ISA_CLONES(void, epilogue_f64, (double* hd, double* base, const double* lr,
+                    const double* gm1, int64_t ld, double q, int64_t t0, int64_t t1, int64_t width),
+                    (hd, base, lr, gm1, ld, q, t0, t1, width), epilogue_body<double>)
+inline void epilogue(float* hd, float* base, const float* lr, const float* gm1, int64_t ld, float q,
+                     int64_t t0, int64_t t1, int64_t width) {
+  epilogue_f32(hd, base, lr, gm1, ld, q, t0, t1, width);
+}
+inline void epilogue(double* hd, double* base, const double* lr, const double* gm1, int64_t ld,
+                     double q, int64_t t0, int64_t t1, int64_t width) {
+  epilogue_f64(hd, base, lr, gm1, ld, q, t0, t1, width);
+}
+
+int64_t blocks_of(int64_t n, int64_t block) { return (n + block - 1) / block; }
+
 }  // namespace
 
-at::Tensor dropped_rows_product(const at::Tensor& x2d, const at::Tensor& wt,
-                                const core::DropoutParams& params) {
-  const int64_t rows = x2d.size(0), in = x2d.size(1), out = wt.size(1);
-  const at::Tensor x = x2d.to(wt.scalar_type()).contiguous();
-  at::Tensor s = at::zeros({rows, out}, wt.options());
-  AT_DISPATCH_FLOATING_TYPES(wt.scalar_type(), "lora_ext_dropped_rows_product", [&] {
-    const scalar_t* xs = x.const_data_ptr<scalar_t>();
-    const scalar_t* w = wt.const_data_ptr<scalar_t>();
-    scalar_t* sp = s.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 16, [&](int64_t t0, int64_t t1) {
-      for_dropped<scalar_t>(t0, t1, in, params, [&](int64_t t, int64_t k) {
-        axpy(sp + t * out, xs[t * in + k], w + k * out, out);
-      });
+DroppedElements::DroppedElements(int64_t rows, int64_t in, const core::DropoutParams& params)
+    : start_(static_cast<size_t>(rows) + 1, 0) {
+  // Chunks of rows in parallel, each into its own list, then one copy into place: the lists
+  // hold a fraction p of the elements, so nothing of x's size is allocated or touched.
+  constexpr int64_t kChunk = 16;
+  const int64_t chunks = (rows + kChunk - 1) / kChunk;
+  std::vector<std::vector<int32_t>> lists(static_cast<size_t>(chunks));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> m(static_cast<size_t>(in));
+    for (int64_t c = c0; c < c1; ++c) {
+      std::vector<int32_t>& list = lists[c];
+      for (int64_t t = c * kChunk; t < std::min(rows, (c + 1) * kChunk); ++t) {
+        dropout_multipliers(m.data(), t * in, in, params);
+        const size_t before = list.size();
+        for (int64_t k = 0; k < in; ++k) {
+          if (m[k] == 0.0f) list.push_back(static_cast<int32_t>(k));
+        }
+        start_[t + 1] = static_cast<int64_t>(list.size() - before);  // a count until the scan
+      }
+    }
+  });
+  for (int64_t t = 0; t < rows; ++t) start_[t + 1] += start_[t];
+  ks_.resize(static_cast<size_t>(start_[rows]));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      std::copy(lists[c].begin(), lists[c].end(), ks_.begin() + start_[c * kChunk]);
+    }
+  });
+}
+
+void zero_dropped(at::Tensor& t2d, const DroppedElements& dropped) {
+  const int64_t rows = t2d.size(0), in = t2d.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t2d.scalar_type(), "lora_ext_zero_dropped", [&] {
+    scalar_t* p = t2d.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 64, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int32_t* ks = dropped.row(t);
+        for (int32_t i = 0; i < dropped.count(t); ++i) p[t * in + ks[i]] = scalar_t(0);
+      }
     });
   });
-  return s;
+}
+
+at::Tensor dropout_corrected_outputs(const at::Tensor& x2d, const at::Tensor& wt, at::Tensor& base,
+                                     const at::Tensor& low_rank, const at::Tensor& g_minus_1,
+                                     double dropout_p, const DroppedElements& dropped) {
+  const int64_t rows = x2d.size(0), in = x2d.size(1), out = wt.size(1);
+  const at::Tensor x = x2d.to(wt.scalar_type()).contiguous();
+  const at::Tensor lr = low_rank.contiguous(), gm1 = g_minus_1.contiguous();
+  at::Tensor hd = at::empty({rows, out}, wt.options());
+  if (rows == 0 || out == 0) return hd;
+  const int64_t col_blocks = blocks_of(out, kBlock), row_chunks = blocks_of(rows, kRowChunk);
+  AT_DISPATCH_FLOATING_TYPES(wt.scalar_type(), "lora_ext_dropout_corrected_outputs", [&] {
+    const scalar_t* xs = x.const_data_ptr<scalar_t>();
+    const scalar_t* w = wt.const_data_ptr<scalar_t>();
+    const scalar_t* l = lr.const_data_ptr<scalar_t>();
+    const scalar_t* g = gm1.const_data_ptr<scalar_t>();
+    const scalar_t q = static_cast<scalar_t>(1.0 - dropout_p);
+    scalar_t* h = hd.mutable_data_ptr<scalar_t>();
+    scalar_t* b = base.mutable_data_ptr<scalar_t>();
+    // Column blocks inside row chunks: the tasks of one chunk share its rows of x and its masks.
+    at::parallel_for(0, col_blocks * row_chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t task = first; task < last; ++task) {
+        const int64_t o0 = (task % col_blocks) * kBlock, t0 = (task / col_blocks) * kRowChunk;
+        const int64_t t1 = std::min(rows, t0 + kRowChunk), width = std::min(kBlock, out - o0);
+        product_rows(h + o0, out, xs, in, w + o0, out, &dropped, t0, t1, width);
+        epilogue(h + o0, b + o0, l + o0, g + o0, out, q, t0, t1, width);
+      }
+    });
+  });
+  return hd;
 }
 
 void subtract_dropped_dots(at::Tensor& grad_x, const at::Tensor& gy, const at::Tensor& wt,
-                           double factor, const core::DropoutParams& params) {
+                           double factor, const DroppedElements& dropped) {
   const int64_t rows = grad_x.size(0), in = grad_x.size(1), out = wt.size(1);
+  if (rows == 0 || in == 0) return;
   const at::Tensor g = gy.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(),
                                   "lora_ext_subtract_dropped_dots", [&] {
-    scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
+    using Grad = scalar_t;
+    Grad* gx = grad_x.mutable_data_ptr<Grad>();
     AT_DISPATCH_FLOATING_TYPES(wt.scalar_type(), "lora_ext_subtract_dropped_dots_acc", [&] {
       using Acc = scalar_t;
       const Acc* gp = g.const_data_ptr<Acc>();
       const Acc* w = wt.const_data_ptr<Acc>();
       const Acc f = static_cast<Acc>(factor);
-      at::parallel_for(0, rows, 16, [&](int64_t t0, int64_t t1) {
-        for_dropped<Acc>(t0, t1, in, params, [&](int64_t t, int64_t k) {
-          auto& e = gx[t * in + k];
-          e = static_cast<std::remove_reference_t<decltype(e)>>(static_cast<Acc>(e) - f * dot(gp + t * out, w + k * out, out));
-        });
+      // A task owns a chunk of rows (so it alone writes their grad_x) and walks the column
+      // blocks, each dot product summed block by block into its own partial.
+      at::parallel_for(0, blocks_of(rows, kRowChunk), 1, [&](int64_t first, int64_t last) {
+        std::vector<Acc> partial;
+        for (int64_t chunk = first; chunk < last; ++chunk) {
+          const int64_t t0 = chunk * kRowChunk, t1 = std::min(rows, t0 + kRowChunk);
+          int64_t n = 0;
+          for (int64_t t = t0; t < t1; ++t) n += dropped.count(t);
+          partial.assign(static_cast<size_t>(n), Acc(0));
+          for (int64_t o0 = 0; o0 < out; o0 += kBlock) {
+            dots_rows(partial.data(), gp + o0, out, w + o0, out, &dropped, t0, t1,
+                      std::min(kBlock, out - o0));
+          }
+          const Acc* sum = partial.data();
+          for (int64_t t = t0; t < t1; ++t) {
+            const int32_t* ks = dropped.row(t);
+            for (int32_t i = 0; i < dropped.count(t); ++i) {
+              Grad& e = gx[t * in + ks[i]];
+              e = static_cast<Grad>(static_cast<Acc>(e) - f * *sum++);
+            }
+          }
+        }
       });
     });
   });
