@@ -42,8 +42,9 @@ using at::Tensor;
 
 // The whole-tensor path's low-rank steps with dropout: z = drop(x2d)·lora_Aᵀ and
 // grad_A = grad_zᵀ·drop(x2d). On CUDA each is one kernel that makes the mask in registers as
-// x streams in; on CPU (bf16 with native bf16 GEMMs) the dropout pass and the GEMM run in turn.
-Tensor shrink_dropout(const Tensor& x2d, const Tensor& lora_A, const core::DropoutParams& params) {
+// x streams in; on CPU (bf16 with native bf16 base GEMMs) the tiles of cpu/lora_fused.cpp.
+Tensor shrink_dropout(const Tensor& x2d, const Tensor& lora_A, double dropout_p,
+                      const core::DropoutParams& params) {
   const Tensor x_contig = x2d.contiguous();
   if (x_contig.is_cuda()) {
 #ifdef LORA_EXT_WITH_CUDA
@@ -57,12 +58,10 @@ Tensor shrink_dropout(const Tensor& x2d, const Tensor& lora_A, const core::Dropo
     return z;
 #endif
   }
-  const Tensor dropped = at::empty_like(x_contig);
-  dropout_apply(x_contig, dropped, Tensor(), params);
-  return at::mm(dropped, lora_A.t());
+  return cpu::fused_shrink(x_contig, lora_A, dropout_p, params).to(x2d.scalar_type());
 }
 
-Tensor grad_a_dropout(const Tensor& grad_z, const Tensor& x2d, const Tensor& lora_A,
+Tensor grad_a_dropout(const Tensor& grad_z, const Tensor& x2d, const Tensor& lora_A, double dropout_p,
                       const core::DropoutParams& params) {
   const Tensor x_contig = x2d.contiguous();
   if (x_contig.is_cuda()) {
@@ -81,9 +80,7 @@ Tensor grad_a_dropout(const Tensor& grad_z, const Tensor& x2d, const Tensor& lor
     return grad_A;
 #endif
   }
-  const Tensor dropped = at::empty_like(x_contig);
-  dropout_apply(x_contig, dropped, Tensor(), params);
-  return at::mm(grad_z.t(), dropped);
+  return cpu::fused_grad_a(grad_z, x_contig, dropout_p, params).to(lora_A.scalar_type());
 }
 
 // CPU tensors take the tiled path of csrc/cpu/lora_fused.cpp, except bf16 where the CPU has
@@ -131,7 +128,7 @@ std::tuple<Tensor, Tensor> lora_linear_forward(const Tensor& x, const Tensor& we
     return {y.view(y_shape), z};
   }
   const Tensor z = dropout_p > 0.0
-                       ? shrink_dropout(x2d, lora_A, core::make_dropout_params(dropout_p, seed, offset))
+                       ? shrink_dropout(x2d, lora_A, dropout_p, core::make_dropout_params(dropout_p, seed, offset))
                        : at::mm(x2d, lora_A.t());
   // The low-rank term (and bias) first, then the big GEMM accumulates onto it (beta = 1):
   // one pass over y instead of a second read-modify-write after it.
@@ -178,7 +175,7 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward(
     // The dropout backward of grad_x's low-rank term masks it in place; grad_A regenerates
     // the mask over x.
     if (need_x) dropout_apply(Tensor(), Tensor(), grad_x, params);
-    if (need_A) grad_A = grad_a_dropout(grad_z, x2d, lora_A, params);
+    if (need_A) grad_A = grad_a_dropout(grad_z, x2d, lora_A, dropout_p, params);
   }
   if (need_x) grad_x.addmm_(g2d, weight);
   if (need_x) grad_x = grad_x.view(x.sizes());

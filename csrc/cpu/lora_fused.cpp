@@ -114,6 +114,39 @@ Tensor fused_shrink(const Tensor& x2d, const Tensor& lora_A, double dropout_p,
   return shrink_tiles(x2d.contiguous(), lora_A.to(acc_type(x2d.scalar_type())), dropout_p, params);
 }
 
+Tensor fused_grad_a(const Tensor& grad_z, const Tensor& x2d_in, double dropout_p,
+                    const core::DropoutParams& params) {
+  const Tensor x2d = x2d_in.contiguous();
+  const int64_t rows = x2d.size(0), in = x2d.size(1), r = grad_z.size(1);
+  const auto acc_opts = x2d.options().dtype(acc_type(x2d.scalar_type()));
+  const Tensor gz = grad_z.to(acc_opts.dtype()).contiguous();
+  const int threads = at::get_num_threads();
+  std::vector<Tensor> parts(threads);
+  const int64_t tr = tile_rows(in), tiles = (rows + tr - 1) / tr;
+  const at::ThreadLocalState caller;  // below autograd, as the op itself runs
+  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
+    const at::ThreadLocalStateGuard below_autograd(caller);
+    Buffers buf(std::min(tr, rows), in, 0, acc_opts);
+    Tensor& part = parts[at::get_thread_num()];
+    if (!part.defined()) part = at::zeros({r, in}, acc_opts);
+    for (int64_t tile = b; tile < e; ++tile) {
+      const int64_t t0 = tile * tr, n = std::min(tr, rows - t0);
+      Tensor d = tile_in(x2d, t0, n, buf.x);
+      if (dropout_p > 0.0) {
+        Tensor dropped = buf.d.narrow(0, 0, n);
+        at::mul_out(dropped, d, tile_multipliers(t0 * in, n, params, buf.m));
+        d = dropped;
+      }
+      part.addmm_(gz.narrow(0, t0, n).t(), d);
+    }
+  });
+  Tensor grad_A = at::zeros({r, in}, acc_opts);
+  for (const Tensor& part : parts) {
+    if (part.defined()) grad_A.add_(part);
+  }
+  return grad_A;
+}
+
 std::tuple<Tensor, Tensor> fused_forward(const Tensor& x2d_in, const Tensor& weight,
                                          const Tensor& bias, const Tensor& lora_A,
                                          const Tensor& lora_B, double scaling, double dropout_p,

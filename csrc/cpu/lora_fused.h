@@ -24,6 +24,11 @@ at::ScalarType base_gemm_type(at::ScalarType storage);
 at::Tensor fused_shrink(const at::Tensor& x2d, const at::Tensor& lora_A, double dropout_p,
                         const core::DropoutParams& params);
 
+// grad_A = grad_zᵀ·drop(x2d) [r, in] in the accumulation dtype, by tiles of rows (drop(x) never
+// materialised beyond a tile).
+at::Tensor fused_grad_a(const at::Tensor& grad_z, const at::Tensor& x2d, double dropout_p,
+                        const core::DropoutParams& params);
+
 // {y [rows, out], z [rows, r]}; bias may be undefined; params unused when dropout_p == 0.
 std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x2d, const at::Tensor& weight,
                                                  const at::Tensor& bias, const at::Tensor& lora_A,

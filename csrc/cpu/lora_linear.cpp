@@ -45,14 +45,32 @@ struct Convert<c10::BFloat16> {
   }
 };
 
+// The four multipliers of each 4-bit keep pattern of a Philox group: expanding a group is one
+// 4-element copy (a per-element select loop compiled scalar and cost more than Philox itself).
+template <typename Acc>
+struct GroupMultipliers {
+  Acc m[16][4];
+  explicit GroupMultipliers(Acc scale) {
+    for (int bits = 0; bits < 16; ++bits) {
+      for (int i = 0; i < 4; ++i) m[bits][i] = ((bits >> i) & 1) ? scale : Acc(0);
+    }
+  }
+};
+
 // Multipliers m[e] = keep ? scale : 0 for the elements of chunk `chunk`.
 template <typename Acc>
-LORA_EXT_FORCE_INLINE void chunk_multipliers(const core::DropoutParams& params, int64_t chunk, Acc scale,
-                              Acc* m) {
+LORA_EXT_FORCE_INLINE void chunk_multipliers(const core::DropoutParams& params, int64_t chunk,
+                                             const GroupMultipliers<Acc>& groups, Acc* m) {
   unsigned keep[core::kDropoutBatch];
   const uint64_t first_group = static_cast<uint64_t>(chunk) * core::kDropoutBatch;
 #ifdef LORA_EXT_HAVE_AVX2_PHILOX
-  if (cpu_isa() >= Isa::kAvx2) {
+  static_assert(core::kDropoutBatch % 16 == 0, "the AVX-512 Philox makes 16 groups a call");
+  if (cpu_isa() >= Isa::kAvx512) {
+    for (int j = 0; j < core::kDropoutBatch; j += 16) {
+      core::dropout_keep_bits_x16_avx512(params.seed, params.offset, params.threshold,
+                                         first_group + j, keep + j);
+    }
+  } else if (cpu_isa() >= Isa::kAvx2) {
     for (int j = 0; j < core::kDropoutBatch; j += 8) {
       core::dropout_keep_bits_x8_avx2(params.seed, params.offset, params.threshold,
                                       first_group + j, keep + j);
@@ -64,9 +82,7 @@ LORA_EXT_FORCE_INLINE void chunk_multipliers(const core::DropoutParams& params, 
 #else
   core::dropout_keep_bits_batch(params.seed, params.offset, params.threshold, first_group, keep);
 #endif
-  for (int e = 0; e < kChunk; ++e) {
-    m[e] = ((keep[e / 4] >> (e % 4)) & 1u) ? scale : Acc(0);
-  }
+  for (int j = 0; j < core::kDropoutBatch; ++j) std::memcpy(m + 4 * j, groups.m[keep[j]], sizeof(groups.m[0]));
 }
 
 // Same arithmetic as core::dropout_apply_group, over a whole chunk so the loops vectorise.
@@ -75,10 +91,10 @@ LORA_EXT_FORCE_INLINE void dropout_apply_range(const T* x, T* dropped, T* grad, 
                                                const core::DropoutParams& params, int64_t chunk0,
                                                int64_t chunk1) {
   using Acc = acc_t<T>;
-  const Acc scale = static_cast<Acc>(params.scale);
+  const GroupMultipliers<Acc> groups(static_cast<Acc>(params.scale));
   Acc m[kChunk];
   for (int64_t chunk = chunk0; chunk < chunk1; ++chunk) {
-    chunk_multipliers(params, chunk, scale, m);
+    chunk_multipliers(params, chunk, groups, m);
     const int64_t begin = chunk * kChunk;
     const int64_t count = std::min<int64_t>(kChunk, numel - begin);
     if (dropped != nullptr) {
@@ -118,9 +134,10 @@ void apply(const T* x, T* d, T* g, int64_t n, const core::DropoutParams& p, int6
 LORA_EXT_FORCE_INLINE void mask_range_body(bool* out, int64_t numel,
                                            const core::DropoutParams& params, int64_t chunk0,
                                            int64_t chunk1) {
+  const GroupMultipliers<float> groups(1.0f);
   float m[kChunk];
   for (int64_t chunk = chunk0; chunk < chunk1; ++chunk) {
-    chunk_multipliers(params, chunk, 1.0f, m);
+    chunk_multipliers(params, chunk, groups, m);
     const int64_t begin = chunk * kChunk;
     const int64_t count = std::min<int64_t>(kChunk, numel - begin);
     for (int64_t e = 0; e < count; ++e) out[begin + e] = m[e] != 0.0f;
@@ -134,11 +151,11 @@ LORA_EXT_ISA_CLONES(void, mask_range,
 template <typename Acc>
 LORA_EXT_FORCE_INLINE void multipliers_body(Acc* m, int64_t first, int64_t count,
                                             const core::DropoutParams& params) {
-  const Acc scale = static_cast<Acc>(params.scale);
+  const GroupMultipliers<Acc> groups(static_cast<Acc>(params.scale));
   Acc chunk_m[kChunk];
   const int64_t last = first + count;
   for (int64_t chunk = first / kChunk; chunk * kChunk < last; ++chunk) {
-    chunk_multipliers(params, chunk, scale, chunk_m);
+    chunk_multipliers(params, chunk, groups, chunk_m);
     const int64_t begin = std::max(first, chunk * kChunk), end = std::min(last, (chunk + 1) * kChunk);
     for (int64_t e = begin; e < end; ++e) m[e - first] = chunk_m[e - chunk * kChunk];
   }

@@ -97,6 +97,15 @@ static void test_batch_matches_scalar() {
               "avx2 lane %d from %llu", j, static_cast<unsigned long long>(first));
       }
     }
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+      unsigned simd[16];
+      dropout_keep_bits_x16_avx512(params.seed, params.offset, params.threshold, first, simd);
+      for (int j = 0; j < 16; ++j) {
+        CHECK(simd[j] == dropout_keep_bits(params.seed, params.offset, params.threshold, first + j),
+              "avx512 lane %d from %llu", j, static_cast<unsigned long long>(first));
+      }
+    }
 #endif
   }
 }
