@@ -50,7 +50,8 @@ struct Convert<c10::BFloat16> {
 template <typename Acc>
 struct GroupMultipliers {
   Acc m[16][4];
-  explicit GroupMultipliers(Acc scale) {
+  Acc scale;
+  explicit GroupMultipliers(Acc kept) : scale(kept) {
     for (int bits = 0; bits < 16; ++bits) {
       for (int i = 0; i < 4; ++i) m[bits][i] = ((bits >> i) & 1) ? scale : Acc(0);
     }
@@ -65,6 +66,15 @@ LORA_EXT_FORCE_INLINE void chunk_multipliers(const core::DropoutParams& params, 
   const uint64_t first_group = static_cast<uint64_t>(chunk) * core::kDropoutBatch;
 #ifdef LORA_EXT_HAVE_AVX2_PHILOX
   static_assert(core::kDropoutBatch % 16 == 0, "the AVX-512 Philox makes 16 groups a call");
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (cpu_isa() >= Isa::kAvx512) {  // straight to multipliers, in registers
+      for (int j = 0; j < core::kDropoutBatch; j += 16) {
+        core::dropout_multipliers_x64_avx512(params.seed, params.offset, params.threshold,
+                                             first_group + j, groups.scale, m + 4 * j);
+      }
+      return;
+    }
+  }
   if (cpu_isa() >= Isa::kAvx512) {
     for (int j = 0; j < core::kDropoutBatch; j += 16) {
       core::dropout_keep_bits_x16_avx512(params.seed, params.offset, params.threshold,

@@ -80,7 +80,7 @@ static void test_keep_bits_contract() {
 static void test_batch_matches_scalar() {
   const DropoutParams params = make_dropout_params(0.3, 0x123456789abcdefll, 42);
   // Crosses the 2^32 group boundary, where the counter's high word changes.
-  const uint64_t starts[] = {0, 1000, (1ull << 32) - 5};
+  const uint64_t starts[] = {0, 1000, (1ull << 32) - 16, (1ull << 32) - 15, (1ull << 32) - 5, (7ull << 32) + 3};
   for (uint64_t first : starts) {
     unsigned batch[kDropoutBatch];
     dropout_keep_bits_batch(params.seed, params.offset, params.threshold, first, batch);
@@ -104,6 +104,13 @@ static void test_batch_matches_scalar() {
       for (int j = 0; j < 16; ++j) {
         CHECK(simd[j] == dropout_keep_bits(params.seed, params.offset, params.threshold, first + j),
               "avx512 lane %d from %llu", j, static_cast<unsigned long long>(first));
+      }
+      float m[64];
+      dropout_multipliers_x64_avx512(params.seed, params.offset, params.threshold, first, 2.5f, m);
+      for (int e = 0; e < 64; ++e) {
+        const unsigned keep = dropout_keep_bits(params.seed, params.offset, params.threshold, first + e / 4);
+        CHECK(m[e] == (((keep >> (e % 4)) & 1u) ? 2.5f : 0.0f), "avx512 multiplier %d from %llu", e,
+              static_cast<unsigned long long>(first));
       }
     }
 #endif
