@@ -20,6 +20,7 @@ from .config import LoraConfig
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, ModulesToSaveWrapper
 from .layers.nf4 import Linear4bit
 from .nf4 import NF4Linear, _is_bnb_linear4bit
+from .target_defaults import resolve_default_targets
 
 INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
@@ -229,6 +230,7 @@ class LoraModel(nn.Module):
             raise ValueError(f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, "
                              f"set bias to 'none' for all adapters (adapter {biased[0]!r} already has "
                              f"bias={self.peft_config[biased[0]].bias!r}).")
+        resolve_default_targets(config, self.model)
         resolve_all_linear(config, self.model)
         self.peft_config[adapter_name] = config
         matched = []
