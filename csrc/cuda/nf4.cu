@@ -290,7 +290,7 @@ struct GemvLauncher {
 // fp32 accumulation; bf16/fp16 on the tensor cores (sm_80 on), fp32 in registers (4 x 4 per
 // thread).
 
-constexpr int kTileM = 64, kTileN = 64, kTileK = 32;
+constexpr int kTileM = 64, kTileN = 64, kTileK = 64;  // a tile row of W: 32 bytes, one sector
 constexpr int kGemmThreads = 256;
 
 struct GemmArgs {
