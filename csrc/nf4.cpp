@@ -32,7 +32,7 @@ using at::Tensor;
 #define LORA_EXT_STREAM c10::cuda::getCurrentCUDAStream()
 #endif
 
-[[noreturn]] void no_cuda() { TORCH_CHECK(false, "lora_ext was built without CUDA kernels"); }
+[[noreturn, maybe_unused]] void no_cuda() { TORCH_CHECK(false, "lora_ext was built without CUDA kernels"); }
 
 void check_float(const char* op, const char* name, const Tensor& t) {
   const auto type = t.scalar_type();
