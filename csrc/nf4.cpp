@@ -245,9 +245,11 @@ Tensor nf4_matmul(const Tensor& x, const Tensor& packed, const Tensor& absmax, i
 #ifdef LORA_EXT_WITH_CUDA
       Tensor y = at::empty({rows, out_features}, x.options());
       const Tensor b = has_bias ? bias->contiguous() : Tensor();
+      Tensor workspace = at::empty({cuda::nf4_gemm_workspace(rows, in, out_features)}, x.options().dtype(at::kFloat));
       LORA_EXT_CUDA_CALL(x.device(), cuda::launch_nf4_gemm(
           cuda_dtype(x.scalar_type()), x2dc.data_ptr(), rows, in, p.data_ptr<uint8_t>(), a.data_ptr<float>(),
-          blocksize, has_bias ? b.data_ptr() : nullptr, y.data_ptr(), out_features, LORA_EXT_STREAM));
+          blocksize, has_bias ? b.data_ptr() : nullptr, y.data_ptr(), out_features,
+          workspace.numel() > 0 ? workspace.data_ptr<float>() : nullptr, LORA_EXT_STREAM));
       return y.view(y_shape);
 #else
       no_cuda();
@@ -304,9 +306,11 @@ Tensor nf4_matmul_grad_input(const Tensor& grad_y, const Tensor& packed, const T
   }
   if (rows <= cuda_gemm_max_rows()) {
 #ifdef LORA_EXT_WITH_CUDA
+    Tensor workspace = at::empty({cuda::nf4_gemm_workspace(rows, out, in_features)}, g2d.options().dtype(at::kFloat));
     LORA_EXT_CUDA_CALL(g2d.device(), cuda::launch_nf4_gemm_grad_input(
         cuda_dtype(g2d.scalar_type()), g2d.data_ptr(), rows, out, p.data_ptr<uint8_t>(), a.data_ptr<float>(),
-        blocksize, grad_x.data_ptr(), in_features, LORA_EXT_STREAM));
+        blocksize, grad_x.data_ptr(), in_features, workspace.numel() > 0 ? workspace.data_ptr<float>() : nullptr,
+        LORA_EXT_STREAM));
     return grad_x.view(shape);
 #else
     no_cuda();

@@ -288,10 +288,18 @@ struct GemvLauncher {
 // decodes its kTileN x kTileK tile of W into shared memory once and multiplies the x tile with
 // it, so W is never written to global memory and each packed byte is read once per row tile.
 // fp32 accumulation; bf16/fp16 on the tensor cores (sm_80 on), fp32 in registers (4 x 4 per
-// thread).
+// thread). Few tiles (few rows) would leave most of a GPU idle, each block walking all of K:
+// then K is split over blockIdx.z, each split writes its fp32 partial tile to a workspace and
+// a second kernel adds the splits in a fixed order (deterministic), adds bias and rounds once.
 
 constexpr int kTileM = 64, kTileN = 64, kTileK = 64;  // a tile row of W: 32 bytes, one sector
 constexpr int kGemmThreads = 256;
+// Split K until there are this many blocks (an H100 holds 5 of these per SM, 660 at once),
+// each split at least two K tiles long, at most kMaxSplits of them.
+constexpr int64_t kGemmTargetBlocks = 1024;
+constexpr int64_t kMaxSplits = 16;
+// gridDim.y stops at 65535: taller x runs in slabs of rows.
+constexpr int64_t kRowSlab = int64_t{65535} * kTileM;
 
 struct GemmArgs {
   const void* x;
@@ -301,6 +309,8 @@ struct GemmArgs {
   void* y;
   int64_t m, n, k;
   int bs_shift;
+  int64_t k_split = 0;       // K elements per split (a multiple of kTileK); 0: all of K
+  float* partial = nullptr;  // [splits, m, n] fp32 partial sums, or null: y directly
 };
 
 // Calls put(n, k, value) for the kTileN x kTileK tile of B at (n0, k0), zeros past its edges.
@@ -375,6 +385,10 @@ __device__ __forceinline__ void load_x_tile(const GemmArgs& a, int64_t m0, int64
 template <typename T>
 __device__ __forceinline__ void store_y(const GemmArgs& a, int64_t m, int64_t n, float acc) {
   if (m >= a.m || n >= a.n) return;
+  if (a.partial != nullptr) {
+    a.partial[(blockIdx.z * a.m + m) * a.n + n] = acc;
+    return;
+  }
   const float b = a.bias != nullptr ? Conv<T>::load(static_cast<const T*>(a.bias)[n]) : 0.0f;
   static_cast<T*>(a.y)[m * a.n + n] = Conv<T>::store(acc + b);
 }
@@ -395,7 +409,8 @@ __device__ __forceinline__ void gemm_simt(const GemmArgs& a, bool w_vec, bool x_
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
   }
-  for (int64_t k0 = 0; k0 < a.k; k0 += kTileK) {
+  const int64_t k_begin = blockIdx.z * a.k_split, k_end = a.k_split > 0 ? min(a.k, k_begin + a.k_split) : a.k;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kTileK) {
     __syncthreads();  // the table is written and the previous tiles are consumed
     load_x_tile<T>(a, m0, k0, x_vec, [&](int m, int k, float v) { xs[k][m] = v; });
     load_w_tile<kTransW>(a, lut, n0, k0, w_vec, [&](int n, int k, float v) { ws[k][n] = v; });
@@ -438,7 +453,8 @@ __device__ __forceinline__ void gemm_mma(const GemmArgs& a, bool w_vec, bool x_v
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
   wmma::fill_fragment(acc[0], 0.0f);
   wmma::fill_fragment(acc[1], 0.0f);
-  for (int64_t k0 = 0; k0 < a.k; k0 += kTileK) {
+  const int64_t k_begin = blockIdx.z * a.k_split, k_end = a.k_split > 0 ? min(a.k, k_begin + a.k_split) : a.k;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kTileK) {
     __syncthreads();
     load_x_tile<T>(a, m0, k0, x_vec, [&](int m, int k, float v) { xs[m][k] = Conv<T>::store(v); });
     load_w_tile<kTransW>(a, lut, n0, k0, w_vec, [&](int n, int k, float v) { ws[n][k] = Conv<T>::store(v); });
@@ -481,32 +497,61 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(GemmArgs a, bool w_v
 #endif
 }
 
+// y [m, n] = the sum of the splits' partial tiles, in split order, + bias, rounded once.
+template <typename T>
+__global__ void gemm_reduce_kernel(const float* __restrict__ partial, int64_t splits, int64_t m, int64_t n,
+                                   const T* __restrict__ bias, T* __restrict__ y) {
+  const int64_t total = m * n;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = partial[i];
+    for (int64_t z = 1; z < splits; ++z) sum += partial[z * total + i];
+    y[i] = Conv<T>::store(bias != nullptr ? sum + Conv<T>::load(bias[i % n]) : sum);
+  }
+}
+
+int64_t gemm_splits(int64_t rows, int64_t k, int64_t n) {
+  const int64_t tiles = ceil_div(std::min(rows, kRowSlab), kTileM) * ceil_div(n, kTileN);
+  const int64_t splits = std::min({kGemmTargetBlocks / tiles, kMaxSplits, ceil_div(k, kTileK) / 2});
+  return std::max<int64_t>(1, splits);
+}
+
 template <typename T>
 struct GemmLauncher {
+  // splits > 1 needs workspace of splits * min(m, kRowSlab) * n floats.
   template <bool kTransW, bool kSimt = false>
-  static cudaError_t launch(GemmArgs args, cudaStream_t stream) {
+  static cudaError_t launch(GemmArgs args, int64_t splits, float* workspace, cudaStream_t stream) {
     const int64_t row_len = kTransW ? args.n : args.k;
     const bool w_vec = row_len % 8 == 0 && aligned(args.packed, 4);
     const bool x_vec = args.k % 8 == 0 && aligned(args.x, 16);
     const unsigned n_tiles = static_cast<unsigned>(ceil_div(args.n, kTileN));
-    // gridDim.y stops at 65535: taller x runs in slabs of rows.
-    constexpr int64_t kSlab = int64_t{65535} * kTileM;
+    if (splits > 1) {
+      args.k_split = ceil_div(ceil_div(args.k, kTileK), splits) * kTileK;
+      splits = ceil_div(args.k, args.k_split);  // no empty split
+      args.partial = workspace;
+    }
     const T* x = static_cast<const T*>(args.x);
     T* y = static_cast<T*>(args.y);
-    for (int64_t m0 = 0; m0 < args.m; m0 += kSlab) {
+    for (int64_t m0 = 0; m0 < args.m; m0 += kRowSlab) {
       GemmArgs slab = args;
-      slab.m = std::min(kSlab, args.m - m0);
+      slab.m = std::min(kRowSlab, args.m - m0);
       slab.x = x + m0 * args.k;
       slab.y = y + m0 * args.n;
-      LORA_EXT_LAUNCH(dim3(n_tiles, static_cast<unsigned>(ceil_div(slab.m, kTileM))), kGemmThreads, 0, stream,
-                      gemm_kernel<T, kTransW, kSimt>)(slab, w_vec, x_vec);
-      const cudaError_t err = cudaGetLastError();
+      const dim3 grid(n_tiles, static_cast<unsigned>(ceil_div(slab.m, kTileM)), static_cast<unsigned>(splits));
+      LORA_EXT_LAUNCH(grid, kGemmThreads, 0, stream, gemm_kernel<T, kTransW, kSimt>)(slab, w_vec, x_vec);
+      cudaError_t err = cudaGetLastError();
+      if (err == cudaSuccess && splits > 1) {
+        LORA_EXT_LAUNCH(grid_for(slab.m * slab.n), kThreads, 0, stream, gemm_reduce_kernel<T>)(
+            workspace, splits, slab.m, slab.n, static_cast<const T*>(slab.bias), static_cast<T*>(slab.y));
+        err = cudaGetLastError();
+      }
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
   }
-  static cudaError_t run(const GemmArgs& args, bool trans_w, cudaStream_t stream) {
-    return trans_w ? launch<true>(args, stream) : launch<false>(args, stream);
+  static cudaError_t run(const GemmArgs& args, bool trans_w, float* workspace, cudaStream_t stream) {
+    const int64_t splits = workspace != nullptr ? gemm_splits(args.m, args.k, args.n) : 1;
+    return trans_w ? launch<true>(args, splits, workspace, stream) : launch<false>(args, splits, workspace, stream);
   }
 };
 
@@ -573,20 +618,27 @@ cudaError_t launch_nf4_gemv(DType dtype, const void* x, int64_t rows, int64_t in
                                 y, out, stream);
 }
 
+int64_t nf4_gemm_workspace(int64_t rows, int64_t k, int64_t n) {
+  if (rows == 0 || n == 0) return 0;
+  const int64_t splits = gemm_splits(rows, k, n);
+  return splits > 1 ? splits * std::min(rows, kRowSlab) * n : 0;
+}
+
 cudaError_t launch_nf4_gemm(DType dtype, const void* x, int64_t rows, int64_t in,
                             const uint8_t* packed, const float* absmax, int64_t blocksize,
-                            const void* bias, void* y, int64_t out, cudaStream_t stream) {
+                            const void* bias, void* y, int64_t out, float* workspace,
+                            cudaStream_t stream) {
   if (rows == 0 || out == 0) return cudaSuccess;
   const GemmArgs args{x, packed, absmax, bias, y, rows, out, in, core::log2_pow2(blocksize)};
-  return dispatch<GemmLauncher>(dtype, args, false, stream);
+  return dispatch<GemmLauncher>(dtype, args, false, workspace, stream);
 }
 
 cudaError_t launch_nf4_gemm_grad_input(DType dtype, const void* grad_y, int64_t rows, int64_t out,
                                        const uint8_t* packed, const float* absmax, int64_t blocksize,
-                                       void* grad_x, int64_t in, cudaStream_t stream) {
+                                       void* grad_x, int64_t in, float* workspace, cudaStream_t stream) {
   if (rows == 0 || in == 0) return cudaSuccess;
   const GemmArgs args{grad_y, packed, absmax, nullptr, grad_x, rows, in, out, core::log2_pow2(blocksize)};
-  return dispatch<GemmLauncher>(dtype, args, true, stream);
+  return dispatch<GemmLauncher>(dtype, args, true, workspace, stream);
 }
 
 cudaError_t launch_quantize_absmax(const float* centred, int64_t n, const float* code,

@@ -32,16 +32,20 @@ cudaError_t launch_nf4_gemv(DType dtype, const void* x, int64_t rows, int64_t in
 // y [rows, out] = x [rows, in] @ dequant(W [out, in]).T + bias (bias null or [out]), all of
 // dtype, contiguous; fp32 accumulation. Tiles of W are decoded into shared memory (rounded to
 // dtype for bf16/fp16, which run on the tensor cores from sm_80 on; fp32 stays exact), each
-// packed byte read once per 64 rows of x. For rows > kGemvMaxRows.
+// packed byte read once per 64 rows of x. For rows > kGemvMaxRows. Few rows split K over more
+// blocks, summed (in a fixed order) through `workspace`: nf4_gemm_workspace(rows, in, out)
+// floats of device memory; with a null workspace K is not split.
+int64_t nf4_gemm_workspace(int64_t rows, int64_t k, int64_t n);
 cudaError_t launch_nf4_gemm(DType dtype, const void* x, int64_t rows, int64_t in,
                             const uint8_t* packed, const float* absmax, int64_t blocksize,
-                            const void* bias, void* y, int64_t out, cudaStream_t stream);
+                            const void* bias, void* y, int64_t out, float* workspace,
+                            cudaStream_t stream);
 
 // grad_x [rows, in] = grad_y [rows, out] @ dequant(W [out, in]), the same kernel and rounding
-// with W's tiles read along its rows.
+// with W's tiles read along its rows; workspace: nf4_gemm_workspace(rows, out, in) floats.
 cudaError_t launch_nf4_gemm_grad_input(DType dtype, const void* grad_y, int64_t rows, int64_t out,
                                        const uint8_t* packed, const float* absmax, int64_t blocksize,
-                                       void* grad_x, int64_t in, cudaStream_t stream);
+                                       void* grad_x, int64_t in, float* workspace, cudaStream_t stream);
 
 // codes and absmax2 of centred fp32 values c[n] (8-bit blockwise, 256-entry sorted code).
 cudaError_t launch_quantize_absmax(const float* centred, int64_t n, const float* code,

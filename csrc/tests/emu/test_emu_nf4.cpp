@@ -163,11 +163,13 @@ static void test_dtype() {
 
 // One case of the tiled GEMM: forward y [rows, out] = x [rows, in] . Wᵀ (+ bias), or with
 // grad the gradient of x, gx [rows, in] = g [rows, out] . W; absmax plain or through the
-// emulated double quantisation; simt forces the register path for bf16/fp16 too.
+// emulated double quantisation; simt forces the register path for bf16/fp16 too; splits 0
+// takes the public launcher (its own split of K), splits >= 1 asks for that many.
 struct GemmCase {
   int64_t rows, in, out, bs;
   bool bias = false, grad = false, nested = false, simt = false;
   int64_t x_offset = 0;  // 1 misaligns x: the scalar loads
+  int64_t splits = 0;
 };
 
 // absmax through its 8-bit double quantisation and back (the kernels of the nested path).
@@ -207,16 +209,23 @@ static void test_gemm(const GemmCase& c) {
   std::vector<T> y(c.rows * n_dim + 1, Storage<T>::to(9.0));  // one guard element past the end
   const cuda::GemmArgs args{x, packed.data(), absmax.data(), bias, y.data(), c.rows, n_dim, k_dim,
                             core::log2_pow2(c.bs)};
+  // Exactly the floats asked for: AddressSanitizer reports a write past them.
+  std::vector<float> workspace(c.splits > 1 ? c.splits * c.rows * n_dim : cuda::nf4_gemm_workspace(c.rows, k_dim, n_dim));
+  float* ws = workspace.empty() ? nullptr : workspace.data();
+  const int64_t splits = std::max<int64_t>(c.splits, 1);
   cudaError_t err;
-  if (c.simt) {
-    err = c.grad ? cuda::GemmLauncher<T>::template launch<true, true>(args, nullptr)
-                 : cuda::GemmLauncher<T>::template launch<false, true>(args, nullptr);
+  if (c.splits > 0 && c.simt) {
+    err = c.grad ? cuda::GemmLauncher<T>::template launch<true, true>(args, splits, ws, nullptr)
+                 : cuda::GemmLauncher<T>::template launch<false, true>(args, splits, ws, nullptr);
+  } else if (c.splits > 0) {
+    err = c.grad ? cuda::GemmLauncher<T>::template launch<true>(args, splits, ws, nullptr)
+                 : cuda::GemmLauncher<T>::template launch<false>(args, splits, ws, nullptr);
   } else if (c.grad) {
     err = cuda::launch_nf4_gemm_grad_input(dtype_of<T>(), x, c.rows, c.out, packed.data(), absmax.data(), c.bs,
-                                           y.data(), c.in, nullptr);
+                                           y.data(), c.in, ws, nullptr);
   } else {
     err = cuda::launch_nf4_gemm(dtype_of<T>(), x, c.rows, c.in, packed.data(), absmax.data(), c.bs, bias, y.data(),
-                                c.out, nullptr);
+                                c.out, ws, nullptr);
   }
   CHECK(err == cudaSuccess, "gemm launch: %s", cudaGetErrorString(err));
   ToleranceRule rule;
@@ -236,9 +245,9 @@ static void test_gemm(const GemmCase& c) {
     }
   }
   CHECK(rule.holds(Storage<T>::eps) && Storage<T>::from(y[c.rows * n_dim]) == 9.0,
-        "gemm rows=%lld in=%lld out=%lld bs=%lld bias=%d grad=%d nested=%d simt=%d x+%lld sizeof=%zu: error %g, naive %g",
-        (long long)c.rows, (long long)c.in, (long long)c.out, (long long)c.bs, c.bias, c.grad, c.nested, c.simt,
-        (long long)c.x_offset, sizeof(T), rule.ours, rule.naive);
+        "gemm rows=%lld in=%lld out=%lld bs=%lld bias=%d grad=%d nested=%d simt=%d x+%lld splits=%lld sizeof=%zu: "
+        "error %g, naive %g", (long long)c.rows, (long long)c.in, (long long)c.out, (long long)c.bs, c.bias, c.grad,
+        c.nested, c.simt, (long long)c.x_offset, (long long)c.splits, sizeof(T), rule.ours, rule.naive);
 }
 
 template <typename T>
@@ -247,16 +256,26 @@ static void test_gemm_dtype(bool large) {
   for (bool grad : {false, true}) {
     for (bool simt : {false, true}) {
       if (simt && std::is_same<T, float>::value) continue;  // fp32 takes the register path anyway
+      const int64_t splits = simt ? 1 : 0;
       // in and out multiples of 8 but not of the tiles: the word loads, partial K and N tiles.
-      test_gemm<T>({first, 200, 72, 64, !grad, grad, false, simt});
+      test_gemm<T>({first, 200, 72, 64, !grad, grad, false, simt, 0, splits});
       // in % 8 != 0 and an element count that ends in a partial NF4 block: the scalar loads.
-      test_gemm<T>({first + 3, 70, 19, 64, false, grad, true, simt});
-      test_gemm<T>({kTileRows, 96, 40, 32, !grad, grad, false, simt, 1});  // misaligned x
+      test_gemm<T>({first + 3, 70, 19, 64, false, grad, true, simt, 0, splits});
+      test_gemm<T>({kTileRows, 96, 40, 32, !grad, grad, false, simt, 1, splits});  // misaligned x
+      // K split three ways (K tiles 2 + 2 + 1), and on the register path too.
+      test_gemm<T>({first + 1, grad ? 40 : 300, grad ? 300 : 40, 64, !grad, grad, simt, simt, 0, 3});
     }
     test_gemm<T>({kTileRows + 1, 40, 24, 128, !grad, grad, true});  // a second row tile of one row
     test_gemm<T>({first, 4096, 3, 4096, !grad, grad, false});       // one NF4 block per row of W
+    test_gemm<T>({first, 200, 72, 64, !grad, grad, false, false, 0, 1});  // K not split
     if (large) test_gemm<T>({2 * kTileRows + 5, 136, 130, 64, !grad, grad, true});
   }
+  // The launcher's own choice: K split where the tiles are few, never split past 2 K tiles
+  // per split, nor where the tiles are many.
+  CHECK(cuda::nf4_gemm_workspace(9, 4096, 64) == 16 * 9 * 64, "workspace of 16 splits");
+  CHECK(cuda::nf4_gemm_workspace(9, 200, 72) == 2 * 9 * 72, "workspace of 2 splits");
+  CHECK(cuda::nf4_gemm_workspace(9, 70, 64) == 0, "no split of 2 K tiles");
+  CHECK(cuda::nf4_gemm_workspace(2048, 4096, 4096) == 0, "no split of 2048 tiles");
 }
 
 // Double quantisation of absmax: 8-bit blockwise codes against the core, bit for bit.
@@ -333,17 +352,17 @@ int main() {
   CHECK(cuda::launch_nf4_gemv(cuda::DType::kFloat32, nullptr, 0, 32, nullptr, nullptr, 64, nullptr, nullptr, 5, nullptr) ==
             cudaSuccess, "gemv without rows");
   CHECK(cuda::launch_quantize_absmax(nullptr, 0, nullptr, 256, nullptr, nullptr, nullptr) == cudaSuccess, "empty absmax");
-  CHECK(cuda::launch_nf4_gemm(cuda::DType::kBFloat16, nullptr, 0, 32, nullptr, nullptr, 64, nullptr, nullptr, 5, nullptr) ==
-            cudaSuccess, "gemm without rows");
-  CHECK(cuda::launch_nf4_gemm_grad_input(cuda::DType::kFloat16, nullptr, 9, 5, nullptr, nullptr, 64, nullptr, 0, nullptr) ==
-            cudaSuccess, "gemm gradient without columns");
+  CHECK(cuda::launch_nf4_gemm(cuda::DType::kBFloat16, nullptr, 0, 32, nullptr, nullptr, 64, nullptr, nullptr, 5, nullptr,
+                              nullptr) == cudaSuccess, "gemm without rows");
+  CHECK(cuda::launch_nf4_gemm_grad_input(cuda::DType::kFloat16, nullptr, 9, 5, nullptr, nullptr, 64, nullptr, 0, nullptr,
+                                         nullptr) == cudaSuccess, "gemm gradient without columns");
   CHECK(cuda_emu::stats().launches == 0, "empty inputs launched %lld kernels", (long long)cuda_emu::stats().launches);
   CHECK(cuda::launch_nf4_gemv(cuda::DType::kFloat64, nullptr, 1, 32, nullptr, nullptr, 64, nullptr, nullptr, 1, nullptr) ==
             cudaErrorInvalidValue, "fp64 gemv refused");
   CHECK(cuda::launch_nf4_gemv(cuda::DType::kFloat32, nullptr, cuda::kGemvMaxRows + 1, 32, nullptr, nullptr, 64, nullptr,
                               nullptr, 1, nullptr) == cudaErrorInvalidValue, "gemv of too many rows refused");
-  CHECK(cuda::launch_nf4_gemm(cuda::DType::kFloat64, nullptr, 9, 32, nullptr, nullptr, 64, nullptr, nullptr, 1, nullptr) ==
-            cudaErrorInvalidValue, "fp64 gemm refused");
+  CHECK(cuda::launch_nf4_gemm(cuda::DType::kFloat64, nullptr, 9, 32, nullptr, nullptr, 64, nullptr, nullptr, 1, nullptr,
+                              nullptr) == cudaErrorInvalidValue, "fp64 gemm refused");
   if (failures == 0) std::printf("emu_nf4: all passed\n");
   return failures == 0 ? 0 : 1;
 }
