@@ -295,7 +295,9 @@ struct GemvLauncher {
 constexpr int kTileM = 64, kTileN = 64, kTileK = 64;  // a tile row of W: 32 bytes, one sector
 constexpr int kGemmThreads = 256;
 // Split K until there are this many blocks (an H100 holds 5 of these per SM, 660 at once),
-// each split at least two K tiles long, at most kMaxSplits of them.
+// each split at least two K tiles long, at most kMaxSplits of them, and so few that the
+// partial tiles' round trip (8 bytes per split per element of y) stays within the packed
+// weight's bytes (K / 2 per column): splits <= K / (16 rows).
 constexpr int64_t kGemmTargetBlocks = 1024;
 constexpr int64_t kMaxSplits = 16;
 // gridDim.y stops at 65535: taller x runs in slabs of rows.
@@ -511,8 +513,10 @@ __global__ void gemm_reduce_kernel(const float* __restrict__ partial, int64_t sp
 }
 
 int64_t gemm_splits(int64_t rows, int64_t k, int64_t n) {
-  const int64_t tiles = ceil_div(std::min(rows, kRowSlab), kTileM) * ceil_div(n, kTileN);
-  const int64_t splits = std::min({kGemmTargetBlocks / tiles, kMaxSplits, ceil_div(k, kTileK) / 2});
+  const int64_t slab = std::min(rows, kRowSlab);
+  const int64_t tiles = ceil_div(slab, kTileM) * ceil_div(n, kTileN);
+  const int64_t splits =
+      std::min({kGemmTargetBlocks / tiles, kMaxSplits, ceil_div(k, kTileK) / 2, k / (16 * slab)});
   return std::max<int64_t>(1, splits);
 }
 

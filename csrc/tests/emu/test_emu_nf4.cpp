@@ -268,12 +268,15 @@ static void test_gemm_dtype(bool large) {
     test_gemm<T>({kTileRows + 1, 40, 24, 128, !grad, grad, true});  // a second row tile of one row
     test_gemm<T>({first, 4096, 3, 4096, !grad, grad, false});       // one NF4 block per row of W
     test_gemm<T>({first, 200, 72, 64, !grad, grad, false, false, 0, 1});  // K not split
+    test_gemm<T>({first, grad ? 40 : 320, grad ? 320 : 40, 64, !grad, grad, false});  // the launcher splits K in 2
     if (large) test_gemm<T>({2 * kTileRows + 5, 136, 130, 64, !grad, grad, true});
   }
-  // The launcher's own choice: K split where the tiles are few, never split past 2 K tiles
-  // per split, nor where the tiles are many.
+  // The launcher's own choice: K split where the tiles are few (at most 16 ways), never into
+  // splits under 2 K tiles, nor where the tiles are many, nor past K / (16 rows).
   CHECK(cuda::nf4_gemm_workspace(9, 4096, 64) == 16 * 9 * 64, "workspace of 16 splits");
-  CHECK(cuda::nf4_gemm_workspace(9, 200, 72) == 2 * 9 * 72, "workspace of 2 splits");
+  CHECK(cuda::nf4_gemm_workspace(9, 512, 72) == 3 * 9 * 72, "workspace of 3 splits (K / 16 rows)");
+  CHECK(cuda::nf4_gemm_workspace(9, 320, 72) == 2 * 9 * 72, "workspace of 2 splits (2 K tiles each)");
+  CHECK(cuda::nf4_gemm_workspace(64, 4096, 4096) == 4 * 64 * 4096, "workspace of 4 splits of 64 rows");
   CHECK(cuda::nf4_gemm_workspace(9, 70, 64) == 0, "no split of 2 K tiles");
   CHECK(cuda::nf4_gemm_workspace(2048, 4096, 4096) == 0, "no split of 2048 tiles");
 }
