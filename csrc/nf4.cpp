@@ -1,11 +1,12 @@
 // NF4 family: argument checks, device dispatch and the GEMM paths around the kernels of
-// csrc/cpu/nf4*.cpp and csrc/cuda/nf4.cu. On the CPU many rows go through the blocked 4-bit
-// GEMM (csrc/cpu/nf4_gemm.cpp); on CUDA through dequantised tiles of W and cuBLAS.
+// csrc/cpu/nf4*.cpp and csrc/cuda/nf4.cu. Many rows go through a blocked 4-bit GEMM that
+// decodes tiles of W on the fly: csrc/cpu/nf4_gemm.cpp, or the tiled kernel of nf4.cu.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "aten_glue.h"
 #include <cstdlib>
+#include <limits>
 
 #include "core/nf4.h"
 #include "cpu/nf4.h"
@@ -31,7 +32,7 @@ using at::Tensor;
 #define LORA_EXT_STREAM c10::cuda::getCurrentCUDAStream()
 #endif
 
-[[noreturn]] void no_cuda() { TORCH_CHECK(false, "lora_ext was built without CUDA kernels"); }
+[[noreturn, maybe_unused]] void no_cuda() { TORCH_CHECK(false, "lora_ext was built without CUDA kernels"); }
 
 void check_float(const char* op, const char* name, const Tensor& t) {
   const auto type = t.scalar_type();
@@ -75,9 +76,20 @@ void dequantize_2d(const Tensor& packed, const Tensor& absmax, int64_t blocksize
   }
 }
 
-// Bytes of dequantised weight per CUDA GEMM tile: tiles bound the transient memory (a layer
-// never holds a dense copy of its whole weight). LORA_EXT_NF4_TILE_BYTES overrides it. (The
-// CPU's blocked GEMM sizes its own tiles for the caches.)
+// The CUDA tiled GEMM takes up to this many rows; more go through dequantised tiles of W and
+// cuBLAS (gemm_forward, and the slabs of nf4_matmul_grad_input). Default: every row count.
+// LORA_EXT_NF4_CUDA_GEMM_ROWS=N sets it, so that a GPU run can compare the two paths.
+int64_t cuda_gemm_max_rows() {
+  static const int64_t rows = [] {
+    const char* env = std::getenv("LORA_EXT_NF4_CUDA_GEMM_ROWS");
+    const long long v = env ? std::atoll(env) : -1;
+    return v >= 0 ? static_cast<int64_t>(v) : std::numeric_limits<int64_t>::max();
+  }();
+  return rows;
+}
+
+// Bytes of dequantised weight per tile of the cuBLAS path: tiles bound the transient memory
+// (a layer never holds a dense copy of its whole weight). LORA_EXT_NF4_TILE_BYTES overrides it.
 int64_t tile_bytes() {
   static const int64_t env_bytes = [] {
     const char* env = std::getenv("LORA_EXT_NF4_TILE_BYTES");
@@ -227,7 +239,22 @@ Tensor nf4_matmul(const Tensor& x, const Tensor& packed, const Tensor& absmax, i
   }
   const Tensor p = packed.contiguous(), a = absmax.contiguous();
   if (rows > gemv_max_rows(x2d)) {
-    if (x.is_cuda()) return gemm_forward(x2d.contiguous(), p, a, out_features, blocksize, bias).view(y_shape);
+    if (x.is_cuda()) {
+      const Tensor x2dc = x2d.contiguous();
+      if (rows > cuda_gemm_max_rows()) return gemm_forward(x2dc, p, a, out_features, blocksize, bias).view(y_shape);
+#ifdef LORA_EXT_WITH_CUDA
+      Tensor y = at::empty({rows, out_features}, x.options());
+      const Tensor b = has_bias ? bias->contiguous() : Tensor();
+      Tensor workspace = at::empty({cuda::nf4_gemm_workspace(rows, in, out_features)}, x.options().dtype(at::kFloat));
+      LORA_EXT_CUDA_CALL(x.device(), cuda::launch_nf4_gemm(
+          cuda_dtype(x.scalar_type()), x2dc.data_ptr(), rows, in, p.data_ptr<uint8_t>(), a.data_ptr<float>(),
+          blocksize, has_bias ? b.data_ptr() : nullptr, y.data_ptr(), out_features,
+          workspace.numel() > 0 ? workspace.data_ptr<float>() : nullptr, LORA_EXT_STREAM));
+      return y.view(y_shape);
+#else
+      no_cuda();
+#endif
+    }
     // The blocked GEMM copies x into its own padded fp32/bf16 rows: any strides will do.
     Tensor y = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
     cpu::nf4_gemm(x2d, p, a, blocksize, y);
@@ -258,9 +285,9 @@ Tensor nf4_matmul(const Tensor& x, const Tensor& packed, const Tensor& absmax, i
   return y.to(x.scalar_type()).view(y_shape);
 }
 
-// grad_x [..., in] = grad_y [..., out] @ W. CPU: the blocked kernel (fp32 accumulation). CUDA:
-// column slabs of W, so that every slab writes its own columns of grad_x and nothing is
-// accumulated in low precision.
+// grad_x [..., in] = grad_y [..., out] @ W, fp32 accumulation. CPU: the blocked kernel. CUDA:
+// the tiled kernel, or past cuda_gemm_max_rows() column slabs of W through cuBLAS, so that
+// every slab writes its own columns of grad_x and nothing is accumulated in low precision.
 Tensor nf4_matmul_grad_input(const Tensor& grad_y, const Tensor& packed, const Tensor& absmax,
                              int64_t in_features, int64_t blocksize) {
   const char* op = "nf4_matmul_grad_input";
@@ -276,6 +303,18 @@ Tensor nf4_matmul_grad_input(const Tensor& grad_y, const Tensor& packed, const T
   if (!g2d.is_cuda()) {
     cpu::nf4_gemm_grad_input(g2d, p, a, blocksize, grad_x);
     return grad_x.view(shape);
+  }
+  if (rows <= cuda_gemm_max_rows()) {
+#ifdef LORA_EXT_WITH_CUDA
+    Tensor workspace = at::empty({cuda::nf4_gemm_workspace(rows, out, in_features)}, g2d.options().dtype(at::kFloat));
+    LORA_EXT_CUDA_CALL(g2d.device(), cuda::launch_nf4_gemm_grad_input(
+        cuda_dtype(g2d.scalar_type()), g2d.data_ptr(), rows, out, p.data_ptr<uint8_t>(), a.data_ptr<float>(),
+        blocksize, grad_x.data_ptr(), in_features, workspace.numel() > 0 ? workspace.data_ptr<float>() : nullptr,
+        LORA_EXT_STREAM));
+    return grad_x.view(shape);
+#else
+    no_cuda();
+#endif
   }
   const int64_t slab = std::max<int64_t>(
       1, std::min(in_features, tile_bytes() / std::max<int64_t>(1, out * g2d.element_size())));

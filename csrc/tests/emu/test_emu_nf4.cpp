@@ -2,8 +2,10 @@
 // the torch-free core (whose host path the CPU kernels share, and which equals
 // bitsandbytes): quantize at every blocksize from 32 to 4096 with partial blocks and NaN,
 // dequantize on the vectorised and the scalar path (windows, misaligned outputs, element
-// offsets beyond 2^31), and the 8-bit double quantisation of absmax. By the tolerance rule:
-// the GEMV on both paths, 1 to 9 rows, with and without bias.
+// offsets beyond 2^31), and the 8-bit double quantisation of absmax. By the tolerance rule
+// against a long-double reference: the GEMV on both paths, 1 to 8 rows, with and without
+// bias, and the tiled GEMM and its gradient of x (tensor-core and register paths, partial
+// tiles, partial NF4 blocks, plain and double-quantised absmax).
 #include "cuda/nf4.cu"
 #include "tests/emu/emu_testing.h"
 
@@ -11,6 +13,7 @@ using namespace lora_ext;
 using namespace emu_test;
 
 static int failures = 0;
+static constexpr int64_t kTileRows = cuda::kTileM;  // the GEMM's rows per block
 
 static const float kCode[core::kNF4Codes] = {LORA_EXT_NF4_CODE_VALUES};
 
@@ -152,10 +155,130 @@ static void test_dtype() {
     test_quantize<T>(2 * bs + 7, bs);
     test_dequantize<T>(bs);
   }
-  for (int64_t rows = 1; rows <= 9; ++rows) test_gemv<T>(rows, 96, 19, 64, rows % 2 == 1, 0);  // vectorised
+  for (int64_t rows = 1; rows <= cuda::kGemvMaxRows; ++rows) test_gemv<T>(rows, 96, 19, 64, rows % 2 == 1, 0);
   test_gemv<T>(3, 96, 19, 32, true, 1);     // misaligned x: scalar path
   test_gemv<T>(5, 70, 9, 64, false, 0);     // in % 32 != 0: scalar path
   test_gemv<T>(2, 4096, 3, 4096, true, 0);  // one block per row
+}
+
+// One case of the tiled GEMM: forward y [rows, out] = x [rows, in] . Wᵀ (+ bias), or with
+// grad the gradient of x, gx [rows, in] = g [rows, out] . W; absmax plain or through the
+// emulated double quantisation; simt forces the register path for bf16/fp16 too; splits 0
+// takes the public launcher (its own split of K), splits >= 1 asks for that many.
+struct GemmCase {
+  int64_t rows, in, out, bs;
+  bool bias = false, grad = false, nested = false, simt = false;
+  int64_t x_offset = 0;  // 1 misaligns x: the scalar loads
+  int64_t splits = 0;
+};
+
+// absmax through its 8-bit double quantisation and back (the kernels of the nested path).
+static std::vector<float> through_double_quantisation(const std::vector<float>& absmax) {
+  const int64_t n = static_cast<int64_t>(absmax.size()), bs = 256;
+  std::vector<float> code(core::kDynamicCodes);
+  for (int j = 0; j < core::kDynamicCodes; ++j) {
+    const float t = -1.0f + 2.0f * static_cast<float>(j) / 255.0f;
+    code[j] = t * t * t;
+  }
+  double mean = 0;
+  for (float v : absmax) mean += v;
+  const float offset = static_cast<float>(mean / static_cast<double>(n));
+  std::vector<float> centred(n), back(n);
+  for (int64_t i = 0; i < n; ++i) centred[i] = absmax[i] - offset;
+  std::vector<uint8_t> codes(n);
+  std::vector<float> absmax2((n + bs - 1) / bs);
+  CHECK(cuda::launch_quantize_absmax(centred.data(), n, code.data(), bs, codes.data(), absmax2.data(), nullptr) ==
+            cudaSuccess, "quantize_absmax launch");
+  CHECK(cuda::launch_dequantize_absmax(codes.data(), n, absmax2.data(), &offset, code.data(), bs, back.data(), nullptr) ==
+            cudaSuccess, "dequantize_absmax launch");
+  return back;
+}
+
+template <typename T>
+static void test_gemm(const GemmCase& c) {
+  const int64_t k_dim = c.grad ? c.out : c.in, n_dim = c.grad ? c.in : c.out;
+  const std::vector<float> w = random_vector<float>(c.out * c.in, c.in * 7 + c.out + c.bs);
+  std::vector<uint8_t> packed;
+  std::vector<float> absmax;
+  host_quantize(w, c.bs, packed, absmax);
+  if (c.nested) absmax = through_double_quantisation(absmax);
+  std::vector<T> x_storage = random_vector<T>(c.rows * k_dim + c.x_offset, c.rows * 3 + k_dim);
+  const T* x = x_storage.data() + c.x_offset;
+  const std::vector<T> b = random_vector<T>(n_dim, 29);
+  const T* bias = c.bias ? b.data() : nullptr;
+  std::vector<T> y(c.rows * n_dim + 1, Storage<T>::to(9.0));  // one guard element past the end
+  const cuda::GemmArgs args{x, packed.data(), absmax.data(), bias, y.data(), c.rows, n_dim, k_dim,
+                            core::log2_pow2(c.bs)};
+  // Exactly the floats asked for: AddressSanitizer reports a write past them.
+  std::vector<float> workspace(c.splits > 1 ? c.splits * c.rows * n_dim : cuda::nf4_gemm_workspace(c.rows, k_dim, n_dim));
+  float* ws = workspace.empty() ? nullptr : workspace.data();
+  const int64_t splits = std::max<int64_t>(c.splits, 1);
+  cudaError_t err;
+  if (c.splits > 0 && c.simt) {
+    err = c.grad ? cuda::GemmLauncher<T>::template launch<true, true>(args, splits, ws, nullptr)
+                 : cuda::GemmLauncher<T>::template launch<false, true>(args, splits, ws, nullptr);
+  } else if (c.splits > 0) {
+    err = c.grad ? cuda::GemmLauncher<T>::template launch<true>(args, splits, ws, nullptr)
+                 : cuda::GemmLauncher<T>::template launch<false>(args, splits, ws, nullptr);
+  } else if (c.grad) {
+    err = cuda::launch_nf4_gemm_grad_input(dtype_of<T>(), x, c.rows, c.out, packed.data(), absmax.data(), c.bs,
+                                           y.data(), c.in, ws, nullptr);
+  } else {
+    err = cuda::launch_nf4_gemm(dtype_of<T>(), x, c.rows, c.in, packed.data(), absmax.data(), c.bs, bias, y.data(),
+                                c.out, ws, nullptr);
+  }
+  CHECK(err == cudaSuccess, "gemm launch: %s", cudaGetErrorString(err));
+  ToleranceRule rule;
+  for (int64_t m = 0; m < c.rows; ++m) {
+    for (int64_t n = 0; n < n_dim; ++n) {
+      long double exact = bias ? Storage<T>::from(b[n]) : 0.0, magnitude = std::fabs(exact);
+      float naive = bias ? static_cast<float>(Storage<T>::from(b[n])) : 0.0f;
+      for (int64_t k = 0; k < k_dim; ++k) {
+        const int64_t e = c.grad ? k * c.in + n : n * c.in + k;
+        const float wv = core::nf4_value(kCode, core::nf4_code_at(packed.data(), e), absmax[e / c.bs]);
+        const double xv = Storage<T>::from(x[m * k_dim + k]);
+        exact += static_cast<long double>(wv) * xv;
+        magnitude += std::fabs(static_cast<long double>(wv) * xv);
+        naive += wv * static_cast<float>(xv);
+      }
+      rule.add(Storage<T>::from(y[m * n_dim + n]), Storage<T>::from(Storage<T>::to(naive)), exact, magnitude);
+    }
+  }
+  CHECK(rule.holds(Storage<T>::eps) && Storage<T>::from(y[c.rows * n_dim]) == 9.0,
+        "gemm rows=%lld in=%lld out=%lld bs=%lld bias=%d grad=%d nested=%d simt=%d x+%lld splits=%lld sizeof=%zu: "
+        "error %g, naive %g", (long long)c.rows, (long long)c.in, (long long)c.out, (long long)c.bs, c.bias, c.grad,
+        c.nested, c.simt, (long long)c.x_offset, (long long)c.splits, sizeof(T), rule.ours, rule.naive);
+}
+
+template <typename T>
+static void test_gemm_dtype(bool large) {
+  const int64_t first = cuda::kGemvMaxRows + 1;  // the fewest rows the GEMM gets
+  for (bool grad : {false, true}) {
+    for (bool simt : {false, true}) {
+      if (simt && std::is_same<T, float>::value) continue;  // fp32 takes the register path anyway
+      const int64_t splits = simt ? 1 : 0;
+      // in and out multiples of 8 but not of the tiles: the word loads, partial K and N tiles.
+      test_gemm<T>({first, 200, 72, 64, !grad, grad, false, simt, 0, splits});
+      // in % 8 != 0 and an element count that ends in a partial NF4 block: the scalar loads.
+      test_gemm<T>({first + 3, 70, 19, 64, false, grad, true, simt, 0, splits});
+      test_gemm<T>({kTileRows, 96, 40, 32, !grad, grad, false, simt, 1, splits});  // misaligned x
+      // K split three ways (K tiles 2 + 2 + 1), and on the register path too.
+      test_gemm<T>({first + 1, grad ? 40 : 300, grad ? 300 : 40, 64, !grad, grad, simt, simt, 0, 3});
+    }
+    test_gemm<T>({kTileRows + 1, 40, 24, 128, !grad, grad, true});  // a second row tile of one row
+    test_gemm<T>({first, 4096, 3, 4096, !grad, grad, false});       // one NF4 block per row of W
+    test_gemm<T>({first, 200, 72, 64, !grad, grad, false, false, 0, 1});  // K not split
+    test_gemm<T>({first, grad ? 40 : 320, grad ? 320 : 40, 64, !grad, grad, false});  // the launcher splits K in 2
+    if (large) test_gemm<T>({2 * kTileRows + 5, 136, 130, 64, !grad, grad, true});
+  }
+  // The launcher's own choice: K split where the tiles are few (at most 16 ways), never into
+  // splits under 2 K tiles, nor where the tiles are many, nor past K / (16 rows).
+  CHECK(cuda::nf4_gemm_workspace(9, 4096, 64) == 16 * 9 * 64, "workspace of 16 splits");
+  CHECK(cuda::nf4_gemm_workspace(9, 512, 72) == 3 * 9 * 72, "workspace of 3 splits (K / 16 rows)");
+  CHECK(cuda::nf4_gemm_workspace(9, 320, 72) == 2 * 9 * 72, "workspace of 2 splits (2 K tiles each)");
+  CHECK(cuda::nf4_gemm_workspace(64, 4096, 4096) == 4 * 64 * 4096, "workspace of 4 splits of 64 rows");
+  CHECK(cuda::nf4_gemm_workspace(9, 70, 64) == 0, "no split of 2 K tiles");
+  CHECK(cuda::nf4_gemm_workspace(2048, 4096, 4096) == 0, "no split of 2048 tiles");
 }
 
 // Double quantisation of absmax: 8-bit blockwise codes against the core, bit for bit.
@@ -216,6 +339,9 @@ int main() {
     test_dtype<float>();
     test_dtype<__half>();
     test_dtype<__nv_bfloat16>();
+    test_gemm_dtype<float>(seed == kScheduleSeeds[0]);
+    test_gemm_dtype<__half>(seed == kScheduleSeeds[0]);
+    test_gemm_dtype<__nv_bfloat16>(seed == kScheduleSeeds[0]);
     for (int64_t n : {1, 255, 256, 257, 1000, 256 * 9 + 3}) test_absmax_codes(n, 256);
     test_absmax_codes(300, 64);
   }
@@ -229,9 +355,17 @@ int main() {
   CHECK(cuda::launch_nf4_gemv(cuda::DType::kFloat32, nullptr, 0, 32, nullptr, nullptr, 64, nullptr, nullptr, 5, nullptr) ==
             cudaSuccess, "gemv without rows");
   CHECK(cuda::launch_quantize_absmax(nullptr, 0, nullptr, 256, nullptr, nullptr, nullptr) == cudaSuccess, "empty absmax");
+  CHECK(cuda::launch_nf4_gemm(cuda::DType::kBFloat16, nullptr, 0, 32, nullptr, nullptr, 64, nullptr, nullptr, 5, nullptr,
+                              nullptr) == cudaSuccess, "gemm without rows");
+  CHECK(cuda::launch_nf4_gemm_grad_input(cuda::DType::kFloat16, nullptr, 9, 5, nullptr, nullptr, 64, nullptr, 0, nullptr,
+                                         nullptr) == cudaSuccess, "gemm gradient without columns");
   CHECK(cuda_emu::stats().launches == 0, "empty inputs launched %lld kernels", (long long)cuda_emu::stats().launches);
   CHECK(cuda::launch_nf4_gemv(cuda::DType::kFloat64, nullptr, 1, 32, nullptr, nullptr, 64, nullptr, nullptr, 1, nullptr) ==
             cudaErrorInvalidValue, "fp64 gemv refused");
+  CHECK(cuda::launch_nf4_gemv(cuda::DType::kFloat32, nullptr, cuda::kGemvMaxRows + 1, 32, nullptr, nullptr, 64, nullptr,
+                              nullptr, 1, nullptr) == cudaErrorInvalidValue, "gemv of too many rows refused");
+  CHECK(cuda::launch_nf4_gemm(cuda::DType::kFloat64, nullptr, 9, 32, nullptr, nullptr, 64, nullptr, nullptr, 1, nullptr,
+                              nullptr) == cudaErrorInvalidValue, "fp64 gemm refused");
   if (failures == 0) std::printf("emu_nf4: all passed\n");
   return failures == 0 ? 0 : 1;
 }
