@@ -77,12 +77,15 @@ void dequantize_2d(const Tensor& packed, const Tensor& absmax, int64_t blocksize
 }
 
 // The CUDA tiled GEMM takes up to this many rows; more go through dequantised tiles of W and
-// cuBLAS (gemm_forward, and the slabs of nf4_matmul_grad_input). Default: every row count.
-// LORA_EXT_NF4_CUDA_GEMM_ROWS=N sets it, so that a GPU run can compare the two paths.
+// cuBLAS (gemm_forward, and the slabs of nf4_matmul_grad_input). Default 128: there the tiled
+// GEMM reads 4x fewer bytes than dense tiles, while from a few hundred rows on (training) the
+// GEMM is compute-bound and cuBLAS, with its pipelining, is expected to win; neither has run on
+// a GPU yet. LORA_EXT_NF4_CUDA_GEMM_ROWS=N sets it, so that a GPU run can compare the paths.
 int64_t cuda_gemm_max_rows() {
   static const int64_t rows = [] {
     const char* env = std::getenv("LORA_EXT_NF4_CUDA_GEMM_ROWS");
-    const long long v = env ? std::atoll(env) : -1;
+    if (env == nullptr || *env == '\0') return int64_t{128};
+    const long long v = std::atoll(env);
     return v >= 0 ? static_cast<int64_t>(v) : std::numeric_limits<int64_t>::max();
   }();
   return rows;
