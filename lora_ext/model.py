@@ -439,6 +439,8 @@ class LoraModel(nn.Module):
         if remaining:
             self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
             self.set_adapter(self.active_adapter)
+        else:  # the last adapter is gone: none is active (as PEFT)
+            self.active_adapter = []
 
     # ---------------------------------------------------------------- merging
 

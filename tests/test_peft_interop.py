@@ -235,6 +235,7 @@ def test_delete_adapter_matches_peft(kind, tmp_path):
     for model in (ours, theirs):
         model.delete_adapter("a")
         assert not model.peft_config
+    assert ours.active_adapters == theirs.active_adapters == []   # none left, none active
     assert_same_state(ours, theirs)
 
 
