@@ -5,9 +5,9 @@ in_proj_weight [3·embed, embed] (query, key and value stacked) and its out_proj
 read directly by F.multi_head_attention_forward. So a LoRA branch cannot be added to an
 output; the adapters act through the weights. As in PEFT, one adapter covers both: lora_A
 [r, embed] and lora_B [3·embed, r] on in_proj_weight (this layer), and a LoRA Linear put in
-place of out_proj (base_layer.out_proj, with the same r and alpha). For the forward the
-weights W + ΔW are handed to the base module's own forward through torch.func.functional_call,
-so the module is never mutated mid-forward and a trainable base weight keeps its identity.
+place of out_proj (base_layer.out_proj, with the same r and alpha). For the forward the base
+module's own forward reads W + ΔW in place of its weights (see _reading), while the registered
+parameters stay as they are: a trainable base weight keeps its identity and its requires_grad.
 
 PEFT's numbers, which saved adapters depend on, carry two quirks reproduced here on purpose
 (adapters trained with PEFT give the same outputs and the same training here):
@@ -24,6 +24,7 @@ supported; DoRA and mixed-adapter batches are refused, as by PEFT.
 from __future__ import annotations
 
 import warnings
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -32,6 +33,27 @@ from torch import nn
 from .. import init as lora_init
 from .base import LoraLayer
 from .linear import Linear
+
+@contextmanager
+def _reading(module: nn.Module, name: str, value: torch.Tensor):
+    """Inside the block `module.<name>` reads as `value`; afterwards exactly as before.
+
+    The value shadows the attribute from the instance dict, which attribute lookup consults
+    before nn.Module's parameter table: the registered parameter is never touched, and a plain
+    tensor put there by a wrapper (FSDP's use_orig_params views during its forward, which
+    torch.func.functional_call would miss) is shadowed and restored as well.
+    """
+    missing = object()
+    previous = module.__dict__.get(name, missing)
+    module.__dict__[name] = value
+    try:
+        yield
+    finally:
+        if previous is missing:
+            del module.__dict__[name]
+        else:
+            module.__dict__[name] = previous
+
 
 # inits that factor the base weight: MultiheadAttention has no single `weight` to factor
 _WEIGHT_INITS = ("pissa", "olora", "loftq")
@@ -157,7 +179,7 @@ class MultiheadAttention(nn.Module, LoraLayer):
 
     # ---------------------------------------------------------------- forward
 
-    def _forward_weights(self, adapters: list[str]) -> dict[str, torch.Tensor]:
+    def _forward_weights(self, adapters: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """in_proj_weight and out_proj's weight as PEFT's forward sees them (see the module doc)."""
         out_proj = self.base_layer.out_proj
         dtype = out_proj.weight.dtype
@@ -168,7 +190,7 @@ class MultiheadAttention(nn.Module, LoraLayer):
             weight_out = weight_out.detach() + delta_out.to(dtype)
             twice = (weight_out.detach() + delta_out.detach()).to(dtype)
             weight_out = twice + (weight_out - weight_out.detach())  # the value of `twice`, the gradient of one delta
-        return {"in_proj_weight": weight_in, "out_proj.base_layer.weight": weight_out}
+        return weight_in, weight_out
 
     def forward(self, query: torch.Tensor, *args: Any, **kwargs: Any):
         if "adapter_names" in kwargs:
@@ -187,8 +209,12 @@ class MultiheadAttention(nn.Module, LoraLayer):
                 raise ValueError(f"The out_proj layer of {kind} has merged layers but {kind} itself doesn't; please "
                                  "ensure that either both or none have merged layers")
             adapters = [name for name in self.active_adapters if name in self.lora_A]
-            weights = self._forward_weights(adapters) if adapters else {}
-            result = torch.func.functional_call(self.base_layer, weights, (query, *args), kwargs)
+            with ExitStack() as stack:
+                if adapters:
+                    weight_in, weight_out = self._forward_weights(adapters)
+                    stack.enter_context(_reading(self.base_layer, "in_proj_weight", weight_in))
+                    stack.enter_context(_reading(self.base_layer.out_proj.base_layer, "weight", weight_out))
+                result = self.base_layer(query, *args, **kwargs)
         output, attention = result
         return output.to(previous_dtype), (attention.to(previous_dtype) if attention is not None else None)
 
