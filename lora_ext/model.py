@@ -243,8 +243,10 @@ class LoraModel(nn.Module):
                     self._create_and_replace(config, adapter_name, module, key)
                     matched.append(key)
             if config.target_parameters:
-                matched_parameters = inject_parameters(self.model, config, adapter_name,
-                                                       lambda key: self._layer_kwargs(config, key))
+                matched_parameters = inject_parameters(
+                    self.model, config, adapter_name,
+                    lambda key: dict(self._layer_kwargs(config, key), fan_in_fan_out=config.fan_in_fan_out,
+                                     lora_bias=getattr(config, "lora_bias", False)))
             if not matched and not matched_parameters and config.target_parameters is not None \
                     and not config.target_modules:
                 raise ValueError("No `target_modules` passed but also no `target_parameters` found. Please check the "

@@ -2,9 +2,9 @@
 
 The matching is PEFT's, rule for rule, since it fixes the nesting of the wrappers and so the
 saved keys: a target is a full parameter name or a suffix of one ("experts.down_proj" matches
-"model.layers.0.feed_forward.experts.down_proj"); targets are visited in sorted order; a
-module's second targeted parameter wraps the wrapper of its first; a later adapter joins the
-wrapper that already holds its parameter. Every adapter of a model that uses target_parameters
+"model.layers.0.feed_forward.experts.down_proj"); a module's parameters are visited in their
+registration order, and its second targeted parameter wraps the wrapper of its first; a later
+adapter joins the wrapper that already holds its parameter. Every adapter of a model that uses target_parameters
 must target the same set (otherwise the nesting, hence the keys, would differ per adapter).
 """
 from __future__ import annotations

@@ -117,18 +117,24 @@ class ParamWrapper(nn.Module, LoraLayer):
             raise ValueError(f"lora.{name} does not work with LoRA variants like DoRA.")
         if lora_dropout:
             raise ValueError(f"lora.{name} does not work with lora_dropout != 0.")
-        if not (init_lora_weights in (True, False) or str(init_lora_weights).lower() == "gaussian"):
-            raise ValueError(f"init_lora_weights={init_lora_weights!r} is not supported by lora-ext for "
-                             f"target_parameters (lora.{name}); expected True, 'gaussian' or False")
+        if init_lora_weights == "loftq":
+            raise ValueError(f"init_lora_weights='loftq' is not supported by lora-ext for target_parameters "
+                             f"(lora.{name}); expected True, 'gaussian', False, 'pissa' or 'olora'")
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
         self.use_dora[adapter_name] = False
         self.lora_dropout[adapter_name] = nn.Identity()
         rows = r * self.num_experts
         self.lora_A[adapter_name] = nn.Linear(self.in_features, rows, bias=False)
         self.lora_B[adapter_name] = nn.Linear(rows, self.out_features, bias=False)
-        lora_init.init_lora_weights(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight,
-                                    init_lora_weights, r=r, scaling=self.scaling[adapter_name],
-                                    experts=self.num_experts)
+        # PiSSA / OLoRA factor a 2-D parameter as PEFT does a Linear's weight (and rewrite it);
+        # a stack of experts is refused by the initialisation
+        param = self.get_param()
+        new_param = lora_init.init_lora_weights(
+            self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, init_lora_weights, r=r,
+            scaling=self.scaling[adapter_name], base_weight=param if param.dim() == 2 else None,
+            experts=self.num_experts)
+        if new_param is not None:
+            param.data = new_param
         self._move_adapter_to_base(adapter_name)
         self.set_adapter(self.active_adapters)
 
