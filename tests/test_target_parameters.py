@@ -333,3 +333,17 @@ def test_unload_and_disable_give_back_the_base(tmp_path):
     plain = copy.deepcopy(ours).unload()
     assert type(plain.lin0) is ParamLinear and type(plain.lin1) is nn.Linear
     assert_same_state(plain, param_net())
+
+
+def test_a_refused_target_leaves_the_model_as_it_was():
+    """Everything is undone when a later target is refused: no half-wrapped modules, no adapter."""
+    base = param_net()
+    base.lin0.extra = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="1 dimensional Parameter"):
+        lora_ext.get_peft_model(base, lora_ext.LoraConfig(target_modules=["lin1"],
+                                                          target_parameters=["lin0.weight", "lin0.extra"]))
+    assert type(base.lin0) is ParamLinear and type(base.lin1) is nn.Linear
+    model = lora_ext.get_peft_model(param_net(), lora_ext.LoraConfig(target_parameters=["lin0.weight"]))
+    with pytest.raises(ValueError, match="does not work with lora_dropout"):
+        model.add_adapter("other", lora_ext.LoraConfig(target_parameters=["lin0.weight"], lora_dropout=0.1))
+    assert list(model.peft_config) == ["default"] and list(model.base_model.model.lin0.lora_A) == ["default"]
