@@ -235,6 +235,9 @@ def test_refusals_as_peft():
             library.get_peft_model(base(), library.LoraConfig(target_modules=["mha"], use_dora=True))
         with pytest.raises(ValueError, match="Only same embed for query/key/value is supported"):
             library.get_peft_model(copy.deepcopy(kdim), library.LoraConfig(target_modules=["mha"]))
+    # PEFT builds a lora_B bias it never trains here (it enters only through out_proj's in-place merge)
+    with pytest.raises(ValueError, match="lora_bias=True is not supported for MultiheadAttention"):
+        lora_ext.layers.MultiheadAttention(nn.MultiheadAttention(EMBED, HEADS), "default", r=2, lora_bias=True)
     for init in ("pissa", "olora"):  # they factor one base weight; PEFT fails with an AttributeError
         with pytest.raises(ValueError, match="not supported for MultiheadAttention"):
             lora_ext.get_peft_model(base(), lora_ext.LoraConfig(target_modules=["mha"], init_lora_weights=init))

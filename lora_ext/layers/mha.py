@@ -66,12 +66,13 @@ class MultiheadAttention(nn.Module, LoraLayer):
 
     def __init__(self, base_layer: nn.MultiheadAttention, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False,
-                 **kwargs: Any) -> None:
+                 lora_bias: bool = False, **kwargs: Any) -> None:
         name = type(self).__name__
         if not getattr(base_layer, "_qkv_same_embed_dim", True):
             raise ValueError(f"Only same embed for query/key/value is supported as of now for {name}.")
         if use_dora:
             raise ValueError(f"{name} does not support DoRA (yet), please set use_dora to False")
+        self._check_lora_bias(lora_bias)
         super().__init__()
         self._init_lora_state(base_layer, base_layer.embed_dim, 3 * base_layer.embed_dim)
         if not isinstance(base_layer.out_proj, nn.Linear):
@@ -86,6 +87,14 @@ class MultiheadAttention(nn.Module, LoraLayer):
         self.set_adapter(adapter_name)
 
     @staticmethod
+    def _check_lora_bias(lora_bias: bool) -> None:
+        # PEFT creates the bias but its MultiheadAttention forward never trains it (the bias enters only
+        # through out_proj's in-place merge); rather than a bias that silently stays at zero, refuse it
+        if lora_bias:
+            raise ValueError("lora_bias=True is not supported for MultiheadAttention by lora-ext (PEFT's "
+                             "MultiheadAttention never trains the bias); please set lora_bias=False")
+
+    @staticmethod
     def _check_init(init_lora_weights) -> None:
         if isinstance(init_lora_weights, str) and init_lora_weights.lower().startswith(_WEIGHT_INITS):
             raise ValueError(f"init_lora_weights={init_lora_weights!r} is not supported for MultiheadAttention: it "
@@ -93,11 +102,12 @@ class MultiheadAttention(nn.Module, LoraLayer):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False,
-                     **kwargs: Any) -> None:
+                     lora_bias: bool = False, **kwargs: Any) -> None:
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         if use_dora:
             raise ValueError(f"{type(self).__name__} does not support DoRA (yet), please set use_dora to False")
+        self._check_lora_bias(lora_bias)
         self._check_init(init_lora_weights)
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
         self.use_dora[adapter_name] = False
