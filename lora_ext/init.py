@@ -79,12 +79,11 @@ def _check_shapes(lora_A: Tensor, lora_B: Tensor, r: int, layer_kind: str, exper
         if not t.is_floating_point():
             raise TypeError(f"init_lora_weights: {name} must be floating point, got {t.dtype}")
     rows = r * experts
+    what = f"r = {r}" if experts == 1 else f"r * experts = {r} * {experts} = {rows}"
     if lora_A.shape[0] != rows:
-        raise ValueError(f"init_lora_weights: lora_A must have r * experts = {rows} rows, got shape "
-                         f"{tuple(lora_A.shape)}")
+        raise ValueError(f"init_lora_weights: lora_A must have {what} rows, got shape {tuple(lora_A.shape)}")
     if layer_kind not in _CONV_CLASSES and lora_B.shape[1] != rows:
-        raise ValueError(f"init_lora_weights: lora_B must have r * experts = {rows} columns, got shape "
-                         f"{tuple(lora_B.shape)}")
+        raise ValueError(f"init_lora_weights: lora_B must have {what} columns, got shape {tuple(lora_B.shape)}")
 
 
 def _parse_init(init) -> tuple[str, int | None]:
