@@ -34,6 +34,7 @@ from .. import init as lora_init
 from .base import LoraLayer
 from .linear import Linear
 
+
 @contextmanager
 def _reading(module: nn.Module, name: str, value: torch.Tensor):
     """Inside the block `module.<name>` reads as `value`; afterwards exactly as before.
