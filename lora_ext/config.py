@@ -49,7 +49,6 @@ UNSUPPORTED_FIELD_DEFAULTS: dict[str, Any] = {
     "use_qalora": False,
     "monteclora_config": None,
     "lora_bias": False,
-    "target_parameters": None,
     "use_bdlora": None,
     "arrow_config": None,
     "kasa_config": None,
@@ -101,6 +100,8 @@ class LoraConfig:
     loftq_config: dict = field(default_factory=dict)
     use_dora: bool = False
     layer_replication: Optional[list[tuple[int, int]]] = None
+    # nn.Parameters adapted directly (e.g. stacked MoE expert weights): names or name suffixes
+    target_parameters: Optional[list[str]] = None
     # PEFT fields kept verbatim (see PASSIVE_FIELD_DEFAULTS / UNSUPPORTED_FIELD_DEFAULTS)
     extra_fields: dict = field(default_factory=dict, repr=False)
 
@@ -128,6 +129,10 @@ class LoraConfig:
             raise ValueError(f"lora_dropout must be a float in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if isinstance(self.target_parameters, str):
+            raise TypeError("`target_parameters` must be a list of strings or None.")
+        if self.target_parameters is not None:
+            self.target_parameters = list(self.target_parameters)
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple, set)):

@@ -68,7 +68,7 @@ def _check_kind(layer_kind: str) -> None:
         raise ValueError(f"layer_kind must be one of {', '.join(LAYER_KINDS)}, got {layer_kind!r}")
 
 
-def _check_shapes(lora_A: Tensor, lora_B: Tensor, r: int, layer_kind: str) -> None:
+def _check_shapes(lora_A: Tensor, lora_B: Tensor, r: int, layer_kind: str, experts: int = 1) -> None:
     want_dim = {"conv1d": 3, "conv2d": 4, "conv3d": 5}.get(layer_kind, 2)
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, Tensor):
@@ -78,12 +78,12 @@ def _check_shapes(lora_A: Tensor, lora_B: Tensor, r: int, layer_kind: str) -> No
                              f"layer, got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"init_lora_weights: {name} must be floating point, got {t.dtype}")
-    if lora_A.shape[0] != r:
-        raise ValueError(f"init_lora_weights: lora_A must have r = {r} rows, got shape "
-                         f"{tuple(lora_A.shape)}")
-    if layer_kind not in _CONV_CLASSES and lora_B.shape[1] != r:
-        raise ValueError(f"init_lora_weights: lora_B must have r = {r} columns, got shape "
-                         f"{tuple(lora_B.shape)}")
+    rows = r * experts
+    what = f"r = {r}" if experts == 1 else f"r * experts = {r} * {experts} = {rows}"
+    if lora_A.shape[0] != rows:
+        raise ValueError(f"init_lora_weights: lora_A must have {what} rows, got shape {tuple(lora_A.shape)}")
+    if layer_kind not in _CONV_CLASSES and lora_B.shape[1] != rows:
+        raise ValueError(f"init_lora_weights: lora_B must have {what} columns, got shape {tuple(lora_B.shape)}")
 
 
 def _parse_init(init) -> tuple[str, int | None]:
@@ -127,7 +127,7 @@ def _cpu_fp32_like(t: Tensor) -> Tensor:
 def init_lora_weights(lora_A: Tensor, lora_B: Tensor, init, *, base_weight: Tensor | None = None,
                       r: int, scaling: float, fan_in_fan_out: bool = False,
                       layer_kind: str = "linear", lora_B_bias: Tensor | None = None,
-                      loftq_config=None) -> Tensor | None:
+                      loftq_config=None, experts: int = 1) -> Tensor | None:
     """Initialise lora_A and lora_B in place as PEFT 0.21 does for `init`.
 
     init: True (linear/conv: A Kaiming-uniform with a = sqrt(5), B = 0; embedding: A = 0,
@@ -141,14 +141,23 @@ def init_lora_weights(lora_A: Tensor, lora_B: Tensor, init, *, base_weight: Tens
     cast to base_weight's dtype, in base_weight's layout: [in, out] when fan_in_fan_out);
     the caller installs it. Returns None otherwise. lora_B_bias (lora_bias=True, allowed
     with True and False only, as in PEFT) is zeroed by True and left as is by False.
+
+    experts > 1 (LoRA on a stacked [experts, ., .] parameter, PEFT's target_parameters): A has
+    r * experts rows and B r * experts columns, one rank-r factor pair per expert; only True,
+    "gaussian" (std 1/r, PEFT's) and False apply, since the others factor one 2-D weight.
     """
     _check_kind(layer_kind)
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"init_lora_weights: r must be a positive int, got {r!r}")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise ValueError(f"init_lora_weights: scaling must be a finite number, got {scaling!r}")
-    _check_shapes(lora_A, lora_B, r, layer_kind)
+    if isinstance(experts, bool) or not isinstance(experts, int) or experts <= 0:
+        raise ValueError(f"init_lora_weights: experts must be a positive int, got {experts!r}")
+    _check_shapes(lora_A, lora_B, r, layer_kind, experts)
     method, niter = _parse_init(init)
+    if experts > 1 and method not in ("default", "gaussian", "none"):
+        raise ValueError(f"init_lora_weights: {init!r} is not supported for a stacked parameter of {experts} "
+                         "experts; expected True, 'gaussian' or False")
     if lora_B_bias is not None and method not in ("default", "none"):
         raise ValueError(f"init_lora_weights: lora_bias (lora_B_bias) is only supported with init "
                          f"True or False, as in PEFT's LoraConfig; got {init!r}")

@@ -18,7 +18,9 @@ from torch import nn
 from . import serving
 from .config import LoraConfig
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, ModulesToSaveWrapper
+from .layers.mha import MultiheadAttention
 from .layers.nf4 import Linear4bit
+from .target_parameters import check_same_target_parameters, inject_parameters
 from .nf4 import NF4Linear, _is_bnb_linear4bit
 from .target_defaults import resolve_default_targets
 
@@ -190,7 +192,7 @@ class LoraModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter: str | list[str] = adapter_name
         self.targeted_module_names: list[str] = []  # every adapter's, without repeats (as PEFT)
-        self.targeted_parameter_names: list[str] = []  # PEFT's target_parameters: none here
+        self.targeted_parameter_names: list[str] = []  # target_parameters matches, every adapter's
         self.inject_adapter(config, adapter_name)
         self.model.peft_config = self.peft_config  # as PEFT: transformers looks for it
 
@@ -230,10 +232,11 @@ class LoraModel(nn.Module):
             raise ValueError(f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, "
                              f"set bias to 'none' for all adapters (adapter {biased[0]!r} already has "
                              f"bias={self.peft_config[biased[0]].bias!r}).")
+        check_same_target_parameters(self.peft_config, config)
         resolve_default_targets(config, self.model)
         resolve_all_linear(config, self.model)
         self.peft_config[adapter_name] = config
-        matched = []
+        matched, matched_parameters = [], []
         try:
             for key, module in list(self.model.named_modules()):
                 if not key or self._inside_lora_layer(key):
@@ -241,7 +244,16 @@ class LoraModel(nn.Module):
                 if target_matches(config, key) is True:
                     self._create_and_replace(config, adapter_name, module, key)
                     matched.append(key)
-            if not matched:
+            if config.target_parameters:
+                matched_parameters = inject_parameters(
+                    self.model, config, adapter_name,
+                    lambda key: dict(self._layer_kwargs(config, key), fan_in_fan_out=config.fan_in_fan_out,
+                                     lora_bias=getattr(config, "lora_bias", False)))
+            if not matched and not matched_parameters and config.target_parameters is not None \
+                    and not config.target_modules:
+                raise ValueError("No `target_modules` passed but also no `target_parameters` found. Please check the "
+                                 "values for these arguments.")
+            if not matched and not matched_parameters:
                 raise ValueError(
                     f"Target modules {config.target_modules} not found in the base model. Please check the target "
                     f"modules and try again (module names look like "
@@ -251,8 +263,14 @@ class LoraModel(nn.Module):
             self._remove_adapter_everywhere(adapter_name)
             del self.peft_config[adapter_name]
             raise
+        if config.target_modules and not matched:
+            warnings.warn(f"target_modules={config.target_modules} were set but no module was matched.", RuntimeWarning)
+        elif config.target_parameters and not matched_parameters:
+            warnings.warn(f"target_parameters={config.target_parameters} were set but no parameter was matched.",
+                          RuntimeWarning)
         _warn_unmatched_patterns(config, matched)
         self.targeted_module_names.extend(k for k in matched if k not in self.targeted_module_names)
+        self.targeted_parameter_names.extend(k for k in matched_parameters if k not in self.targeted_parameter_names)
         self._mark_only_adapters_as_trainable()
         if config.inference_mode:
             for _, layer in self.lora_layers():
@@ -267,7 +285,9 @@ class LoraModel(nn.Module):
                 return True
         return False
 
-    def _create_and_replace(self, config: LoraConfig, adapter_name: str, target: nn.Module, key: str) -> None:
+    @staticmethod
+    def _layer_kwargs(config: LoraConfig, key: str) -> dict:
+        """The adapter settings of the module (or parameter) `key`: rank/alpha patterns applied."""
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), key), config.r)
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), key), config.lora_alpha)
         kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
@@ -275,6 +295,10 @@ class LoraModel(nn.Module):
                       use_dora=config.use_dora)
         if config.init_lora_weights == "loftq":
             kwargs["loftq_config"] = config.loftq_config
+        return kwargs
+
+    def _create_and_replace(self, config: LoraConfig, adapter_name: str, target: nn.Module, key: str) -> None:
+        kwargs = self._layer_kwargs(config, key)
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, **kwargs)
             return
@@ -313,6 +337,8 @@ class LoraModel(nn.Module):
             return Linear(target, adapter_name, fan_in_fan_out=False, **kwargs)
         if isinstance(target, nn.Embedding):
             return Embedding(target, adapter_name, **kwargs)
+        if isinstance(target, nn.MultiheadAttention):
+            return MultiheadAttention(target, adapter_name, **kwargs)
         for conv, layer in ((nn.Conv1d, Conv1d), (nn.Conv2d, Conv2d), (nn.Conv3d, Conv3d)):
             if isinstance(target, conv):
                 if target.groups > 1:
@@ -320,8 +346,8 @@ class LoraModel(nn.Module):
                 return layer(target, adapter_name, **kwargs)
         raise ValueError(f"Target module {target} is not supported. Currently, only the following modules are "
                          "supported: `torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, "
-                         "`torch.nn.Conv3d`, `transformers.pytorch_utils.Conv1D`, `lora_ext.NF4Linear` (and "
-                         "bitsandbytes `Linear4bit`).")
+                         "`torch.nn.Conv3d`, `transformers.pytorch_utils.Conv1D`, `torch.nn.MultiheadAttention`, "
+                         "`lora_ext.NF4Linear` (and bitsandbytes `Linear4bit`).")
 
     def _add_modules_to_save(self, config: LoraConfig, adapter_name: str) -> None:
         if not config.modules_to_save:
@@ -422,8 +448,9 @@ class LoraModel(nn.Module):
                 module.delete_adapter(adapter_name)
         if not unwrap:  # delete_adapter, as PEFT: emptied layers stay wrapped (same state_dict keys)
             return
-        # (undoing a failed injection or load) layers that now hold no adapter go back to their base module
-        for key, module in list(self.model.named_modules()):
+        # (undoing a failed injection or load) layers that now hold no adapter go back to their base module;
+        # inner layers first (MultiheadAttention's out_proj, nested ParamWrappers)
+        for key, module in reversed(list(self.model.named_modules())):
             if isinstance(module, LoraLayer) and not module.r:
                 self._replace(key, module.base_layer)
 
@@ -486,7 +513,8 @@ class LoraModel(nn.Module):
                                      adapter_names: list[str] | None = None) -> nn.Module:
         if merge:
             self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
-        for key, module in list(self.model.named_modules()):
+        # inner layers first: MultiheadAttention's out_proj, nested ParamWrappers
+        for key, module in reversed(list(self.model.named_modules())):
             if isinstance(module, LoraLayer):
                 base = module.get_base_layer()
                 if hasattr(base, "lora_ext_requantize") and merge:

@@ -23,6 +23,10 @@ def _new_rank_and_targets(model, adapters, combination_type, svd_rank):
     for adapter in adapters:
         if adapter not in configs:
             raise ValueError(f"Adapter {adapter} does not exist")
+    for adapter in adapters:
+        if configs[adapter].target_parameters:
+            raise ValueError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter "
+                             f"'{adapter}')")
     wrappers = [m for m in model.model.modules() if isinstance(m, ModulesToSaveWrapper)]
     shared = sum(sum(a in w.modules_to_save for a in adapters) > 1 for w in wrappers)
     if shared:

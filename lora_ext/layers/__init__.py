@@ -3,7 +3,10 @@ from .base import LoraLayer
 from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .linear import Linear
+from .mha import MultiheadAttention
 from .modules_to_save import ModulesToSaveWrapper
 from .nf4 import Linear4bit
+from .param_wrapper import ParamWrapper
 
-__all__ = ["Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "Linear4bit", "LoraLayer", "ModulesToSaveWrapper"]
+__all__ = ["Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "Linear4bit", "LoraLayer", "ModulesToSaveWrapper",
+           "MultiheadAttention", "ParamWrapper"]
