@@ -45,9 +45,22 @@ def model_type(model: nn.Module) -> Any:
     return as_dict.get("model_type", "custom") if isinstance(as_dict, dict) else "custom"
 
 
+def _converts_checkpoints(kind: Any) -> bool:
+    """Whether transformers converts this model type's v4 checkpoints (Mixtral's experts, ...)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return False
+    return get_checkpoint_conversion_mapping(kind) is not None
+
+
 def resolve_default_targets(config, model: nn.Module) -> None:
     """Fill config.target_modules from the model type when it is None, or raise as PEFT does."""
     if config.target_modules is not None:
+        return
+    if getattr(config, "target_parameters", None) and _converts_checkpoints(model_type(model)):
+        # PEFT rewrites such configs for transformers 5 first, which leaves target_modules empty
+        config.target_modules = set()
         return
     defaults = DEFAULT_TARGET_MODULES.get(model_type(model))
     if defaults is not None:

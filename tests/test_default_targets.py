@@ -67,3 +67,17 @@ def test_a_regex_default_stays_a_string(monkeypatch):
     wrapped = lora_ext.get_peft_model(model, lora_ext.LoraConfig())
     assert wrapped.peft_config["default"].target_modules == r"lin\d"
     assert wrapped.targeted_module_names == ["lin0", "lin1"]
+
+
+def test_target_parameters_alone_as_peft():
+    # Llama: PEFT still adds the model type's default modules; Mixtral (whose checkpoints
+    # transformers 5 converts): PEFT targets the parameters only.
+    from test_target_parameters import tiny_mixtral
+    cases = [(tiny_llama, ["layers.0.mlp.down_proj.weight"]), (tiny_mixtral, ["mlp.experts.down_proj"])]
+    for build, params in cases:
+        names = []
+        for library in (lora_ext, peft):
+            torch.manual_seed(0)
+            model = library.get_peft_model(build(), library.LoraConfig(r=4, target_parameters=params))
+            names.append((sorted(model.targeted_module_names), model.peft_config["default"].target_modules))
+        assert names[0] == names[1], build.__name__
