@@ -270,7 +270,7 @@ class LoraModel(nn.Module):
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), key), config.lora_alpha)
         kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                       init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
-                      use_dora=config.use_dora)
+                      use_dora=config.use_dora, lora_bias=config.lora_bias)
         if config.init_lora_weights == "loftq":
             kwargs["loftq_config"] = config.loftq_config
         if isinstance(target, LoraLayer):
