@@ -3,7 +3,9 @@ from .base import LoraLayer
 from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .linear import Linear
-from .modules_to_save import ModulesToSaveWrapper
+from .modules_to_save import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from .nf4 import Linear4bit
+from .trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper
 
-__all__ = ["Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "Linear4bit", "LoraLayer", "ModulesToSaveWrapper"]
+__all__ = ["AuxiliaryTrainingWrapper", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "Linear4bit", "LoraLayer",
+           "ModulesToSaveWrapper", "TrainableTokensLayer", "TrainableTokensWrapper"]
