@@ -260,6 +260,8 @@ class LoraModel(nn.Module):
                 for container in layer._adapter_modules():
                     if adapter_name in container:
                         container[adapter_name].requires_grad_(False)
+            for layer in self._token_layers():
+                layer.set_requires_grad(adapter_name, False)
 
     def _inside_lora_layer(self, key: str) -> bool:
         parts = key.split(".")

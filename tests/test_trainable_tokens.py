@@ -321,3 +321,16 @@ def test_bad_token_indices_are_named():
         lora_ext.get_peft_model(base, lora_ext.LoraConfig(target_modules=["emb0"],
                                                            trainable_token_indices={"emb0": [1]}))
     assert type(base.emb0) is nn.Embedding  # the failed injection left the model as it was
+
+
+def test_loaded_for_inference_the_tokens_are_frozen_and_reported_as_peft(tmp_path):
+    _, theirs, path = twins("gpt2", tmp_path)
+    frozen = lora_ext.PeftModel.from_pretrained(tiny_gpt2(), path)  # is_trainable=False
+    assert not any(p.requires_grad for p in frozen.parameters())
+    loaded_by_peft = peft.PeftModel.from_pretrained(tiny_gpt2(), path)
+
+    def token_rows(model):
+        return [(s.name, s.active_adapters, s.requires_grad, s.available_adapters) for s in model.get_layer_status()
+                if "token_adapter" in s.name]
+    assert token_rows(frozen) == token_rows(loaded_by_peft) and len(token_rows(frozen)) == 2  # wte and tied lm_head
+    assert frozen.get_model_status().num_adapter_layers == loaded_by_peft.get_model_status().num_adapter_layers

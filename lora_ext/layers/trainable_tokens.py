@@ -128,6 +128,9 @@ class TrainableTokensLayer(nn.Module):
 
     # ---------------------------------------------------------------- adapters
 
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.trainable_tokens_delta)
+
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for key, param in self.trainable_tokens_delta.items():
