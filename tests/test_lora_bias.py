@@ -337,3 +337,44 @@ def test_accelerate_fuses_peft_lora_bias_layers(kind, dtype, monkeypatch):
         lora_ext.accelerate(model)
     assert_same_numbers(model, theirs, inputs(kind), grads=True, what=f"accelerate {kind} {dtype}")
     assert calls and all(k["lora_bias"] is not None for k in calls)
+
+
+# ---------------------------------------------------------------- 4-bit base
+
+
+def test_nf4_base_adds_and_merges_the_scaled_bias():
+    """Over an NF4 base (PEFT's lora.bnb.Linear4bit) the forward adds scaling·b as PEFT's
+    lora_B does. Merging folds scaling·b into the base bias, which keeps the merged output
+    equal to the unmerged one up to the 4-bit rounding of the weight (PEFT 0.21's 4-bit merge
+    adds b without the scaling)."""
+    from lora_ext.nf4 import NF4Linear
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = NF4Linear.from_linear(nn.Linear(64, 32), double_quant=False)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = lora_ext.get_peft_model(Net(), lora_ext.LoraConfig(target_modules=["lin"], lora_bias=True,
+                                                                lora_alpha=32, init_lora_weights=False))
+    model.eval()
+    layer = model.base_model.model.lin
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    s, A, B, b = layer.scaling["default"], layer.lora_A["default"].weight, layer.lora_B["default"].weight, \
+        layer.lora_B["default"].bias
+    base = layer.base_layer
+    want = x @ base.dequantize().T + base.bias + s * ((x @ A.T) @ B.T + b)
+    got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    bias_before = base.bias.detach().clone()
+    with pytest.warns(UserWarning):  # PEFT's 4-bit rounding warning
+        model.merge_adapter()
+    torch.testing.assert_close(base.bias, bias_before + s * b.detach())
+    # the weight was re-quantised (4-bit rounding); the bias is plain: merged, the layer is W' x + b'
+    torch.testing.assert_close(model(x), x @ base.dequantize().T + base.bias, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning):
+        model.unmerge_adapter()
+    torch.testing.assert_close(base.bias, bias_before)
