@@ -11,9 +11,10 @@ whose inject_adapter swaps the layers that later add_adapter/load_adapter calls 
 The fused forward reproduces PEFT's Linear.forward, also under torch.autocast (the op's
 autocast rule) and with adapters of another dtype than the base (PEFT's fp32 adapters over
 a bf16/fp16 base: the op runs their branch in fp32, as PEFT), for DoRA adapters
-(ops.dora_linear) and for lora_bias=True (the lora_B bias goes to the op as its lora_bias). Whatever it does not cover (other LoRA variants, several active adapters
-with DoRA among them, adapter_names mixed batches, quantised or custom base
-layers, hooks on the inner modules) runs PEFT's own forward, decided per call.
+(ops.dora_linear) and for lora_bias=True (the lora_B bias goes to the op as its lora_bias).
+Whatever it does not cover (other LoRA variants, several active adapters with DoRA among
+them, adapter_names mixed batches, quantised or custom base layers, hooks on the inner
+modules) runs PEFT's own forward, decided per call.
 
 Dropout: PEFT's nn.Dropout draws a fresh mask per call from torch's RNG; the fused layer
 draws a fresh Philox seed per call from torch's default CPU generator (for inputs on any

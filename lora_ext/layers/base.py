@@ -168,8 +168,9 @@ class LoraLayer:
         """Record lora_bias for this adapter (its lora_B is then built with a bias); PEFT's warning
         when the base layer has no bias to fold it into at merge time."""
         if lora_bias and getattr(self.base_layer, "bias", None) is None:
-            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {type(self.base_layer).__name__} "
-                          "has no bias. This means that merging LoRA weights won't be possible.")
+            kind = type(self.base_layer).__name__
+            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {kind} has no bias. This means "
+                          "that merging LoRA weights won't be possible.")
         self.lora_bias[adapter_name] = bool(lora_bias)
 
     def merged_bias(self, adapter: str) -> torch.Tensor | None:
