@@ -334,3 +334,20 @@ def test_loaded_for_inference_the_tokens_are_frozen_and_reported_as_peft(tmp_pat
                 if "token_adapter" in s.name]
     assert token_rows(frozen) == token_rows(loaded_by_peft) and len(token_rows(frozen)) == 2  # wte and tied lm_head
     assert frozen.get_model_status().num_adapter_layers == loaded_by_peft.get_model_status().num_adapter_layers
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["same_rows_tied", "other_rows_untied"])
+def test_naming_embedding_and_tied_head_follows_peft(tied):
+    """Both tied layers named: equal rows keep them tied (one adapter), other rows give each its own."""
+    indices = {"wte": [1, 2], "lm_head": [1, 2] if tied else [3]}
+    models = []
+    for lib in (peft, lora_ext):
+        model = lib.get_peft_model(tiny_gpt2(), lib.LoraConfig(target_modules=["c_attn"],
+                                                               trainable_token_indices=indices))
+        perturb_tokens(model)
+        models.append(model.eval())
+    theirs, ours = models
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    head = ours.base_model.model.lm_head.token_adapter
+    assert (head.tied_adapter is ours.get_input_embeddings().token_adapter) == tied
+    assert_same_numbers(ours, theirs, inputs("gpt2"), what=f"tied={tied}")
