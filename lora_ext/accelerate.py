@@ -10,10 +10,11 @@ whose inject_adapter swaps the layers that later add_adapter/load_adapter calls 
 
 The fused forward reproduces PEFT's Linear.forward, also under torch.autocast (the op's
 autocast rule) and with adapters of another dtype than the base (PEFT's fp32 adapters over
-a bf16/fp16 base: the op runs their branch in fp32, as PEFT), and for DoRA adapters
-(ops.dora_linear). Whatever it does not cover (other LoRA variants, several active adapters
-with DoRA among them, lora_bias, adapter_names mixed batches, quantised or custom base
-layers, hooks on the inner modules) runs PEFT's own forward, decided per call.
+a bf16/fp16 base: the op runs their branch in fp32, as PEFT), for DoRA adapters
+(ops.dora_linear) and for lora_bias=True (the lora_B bias goes to the op as its lora_bias).
+Whatever it does not cover (other LoRA variants, several active adapters with DoRA among
+them, adapter_names mixed batches, quantised or custom base layers, hooks on the inner
+modules) runs PEFT's own forward, decided per call.
 
 Dropout: PEFT's nn.Dropout draws a fresh mask per call from torch's RNG; the fused layer
 draws a fresh Philox seed per call from torch's default CPU generator (for inputs on any
@@ -119,18 +120,17 @@ def _adapter_reason(layer, name: str, device: torch.device) -> str | None:
             return "DoRA without a magnitude vector"
     elif name in layer.lora_variant:
         return f"a LoRA variant ({type(variant).__name__})"
-    if layer.lora_bias.get(name, False):
-        return "lora_bias=True"
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
     drop = layer.lora_dropout[name]
-    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None \
-            or lora_B.bias is not None:
-        return "adapter modules that are not bias-free nn.Linear"
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
+        return "adapter modules that are not nn.Linear (lora_A without bias)"
+    if lora_B.bias is not None and layer.use_dora.get(name, False):
+        return "DoRA with a lora_B bias"  # PEFT's config refuses it; a hand-built layer may have it
     if type(drop) not in (nn.Identity, nn.Dropout):
         return f"a dropout module of type {type(drop).__name__}"
     if _has_hooks(lora_A) or _has_hooks(lora_B) or _has_hooks(drop):
         return "hooks on the adapter modules"
-    for t in (lora_A.weight, lora_B.weight):
+    for t in (lora_A.weight, lora_B.weight) + ((lora_B.bias,) if lora_B.bias is not None else ()):
         if not _plain_tensor(t):
             return "adapter weights that are not plain tensors"
         if t.dtype not in SUPPORTED_DTYPES:
@@ -139,6 +139,8 @@ def _adapter_reason(layer, name: str, device: torch.device) -> str | None:
             return f"adapter on {t.device}, base layer on {device}"
     if lora_A.weight.dtype != lora_B.weight.dtype:
         return f"lora_A in {lora_A.weight.dtype} but lora_B in {lora_B.weight.dtype}"
+    if lora_B.bias is not None and lora_B.bias.dtype != lora_B.weight.dtype:
+        return f"lora_B bias in {lora_B.bias.dtype} but its weight in {lora_B.weight.dtype}"
     # Adapters of another dtype than the base (PEFT's fp32 adapters over a half base) are
     # fused: ops.lora_linear runs their branch in their dtype, as PEFT does.
     return None
@@ -184,7 +186,7 @@ class _FusedForward:
         if adapters is None:
             return _require_peft()[0].forward(self, x, *args, **kwargs)
         weight, bias = _base_weight_and_bias(self.base_layer)
-        (A, B, s, p, training), *others = adapters
+        (A, B, b, s, p, training), *others = adapters
         seed = _fresh_seed() if training and p > 0.0 else 0
         name = next(n for n in self.active_adapters if n in self.lora_A)
         if self.use_dora.get(name, False):
@@ -196,9 +198,9 @@ class _FusedForward:
             magnitude = self.lora_magnitude_vector[name].weight
             return ops.dora_linear(x, weight, bias, A, B, magnitude, s, p, seed, training,
                                    weight_norm=norm)
-        y = ops.lora_linear(x, weight, bias, A, B, s, p, seed, training=training)
+        y = ops.lora_linear(x, weight, bias, A, B, s, p, seed, training=training, lora_bias=b)
         result_dtype = y.dtype
-        for A, B, s, p, training in others:
+        for A, B, b, s, p, training in others:
             # Further active adapters add their own term with an independent mask, as
             # PEFT's separate nn.Dropout calls do; the base product is done once. As in
             # PEFT, x joins the adapter's dtype and the sum returns to the result's.
@@ -206,11 +208,12 @@ class _FusedForward:
             if training and p > 0.0:
                 keep = ops.dropout_mask(xd, p, _fresh_seed())
                 xd = xd * keep.to(xd.dtype) / (1.0 - p)
-            y = y + (xd @ A.t()) @ B.t() * s
+            branch = (xd @ A.t()) @ B.t()
+            y = y + (branch if b is None else branch + b) * s
         return y.to(result_dtype)
 
     def _fused_adapters(self, x, args, kwargs):
-        """[(lora_A, lora_B, scaling, p, training)] of the active adapters when this call
+        """[(lora_A, lora_B, lora_B bias, scaling, p, training)] of the active adapters when this call
         can be fused, else None (then PEFT's forward runs)."""
         if args or any(v is not None for v in kwargs.values()):
             return None  # adapter_names, alora_offsets or base-layer arguments
@@ -224,8 +227,9 @@ class _FusedForward:
         if autocast_active(x):
             # the op's autocast rule casts x, the base and the adapters to the autocast dtype,
             # as autocast does for PEFT's nn.Linear modules
-            tensors = [x, weight] + [t.weight for name in self.active_adapters if name in self.lora_A
-                                     for t in (self.lora_A[name], self.lora_B[name])]
+            tensors = [x, weight] + [t for name in self.active_adapters if name in self.lora_A
+                                     for t in (self.lora_A[name].weight, self.lora_B[name].weight,
+                                               self.lora_B[name].bias) if t is not None]
             if not all(autocast_eligible(t) for t in tensors):
                 return None
         elif x.dtype != weight.dtype:
@@ -238,8 +242,8 @@ class _FusedForward:
             if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
                 return None
             p, training = _dropout_of(self.lora_dropout[name])
-            adapters.append((self.lora_A[name].weight, self.lora_B[name].weight, float(scaling),
-                             p, training))
+            adapters.append((self.lora_A[name].weight, self.lora_B[name].weight, self.lora_B[name].bias,
+                             float(scaling), p, training))
         if len(adapters) > 1 and any(self.use_dora.get(n, False) for n in self.active_adapters):
             return None  # several active adapters with DoRA among them: PEFT's forward
         return adapters or None

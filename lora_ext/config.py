@@ -40,7 +40,6 @@ class PeftType(str, enum.Enum):
 # A config may carry them (PEFT writes them all) but only at these values.
 UNSUPPORTED_FIELD_DEFAULTS: dict[str, Any] = {
     "megatron_config": None,
-    "trainable_token_indices": None,
     "eva_config": None,
     "corda_config": None,
     "lora_ga_config": None,
@@ -48,7 +47,6 @@ UNSUPPORTED_FIELD_DEFAULTS: dict[str, Any] = {
     "alora_invocation_tokens": None,
     "use_qalora": False,
     "monteclora_config": None,
-    "lora_bias": False,
     "use_bdlora": None,
     "arrow_config": None,
     "kasa_config": None,
@@ -102,6 +100,8 @@ class LoraConfig:
     layer_replication: Optional[list[tuple[int, int]]] = None
     # nn.Parameters adapted directly (e.g. stacked MoE expert weights): names or name suffixes
     target_parameters: Optional[list[str]] = None
+    lora_bias: bool = False
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
     # PEFT fields kept verbatim (see PASSIVE_FIELD_DEFAULTS / UNSUPPORTED_FIELD_DEFAULTS)
     extra_fields: dict = field(default_factory=dict, repr=False)
 
@@ -160,8 +160,26 @@ class LoraConfig:
                 if len(span) != 2 or not all(isinstance(v, int) for v in span) or span[0] >= span[1]:
                     raise ValueError("layer_replication must be a list of [start, end) pairs of ints "
                                      f"with start < end, got {self.layer_replication}")
+        self._check_lora_bias_and_tokens()
         for name, value in self.extra_fields.items():
             self._check_extra_field(name, value)
+
+    def _check_lora_bias_and_tokens(self) -> None:
+        if self.lora_bias:  # PEFT's rules and words
+            if self.init_lora_weights not in (True, False):
+                raise ValueError("The argument lora_bias=True is only supported with init_lora_weights=True or "
+                                 f"False, got init_lora_weights={self.init_lora_weights} instead.")
+            if self.use_dora:
+                raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+        indices = self.trainable_token_indices
+        if indices is None:
+            return
+        per_layer = indices if isinstance(indices, dict) else {"": indices}
+        for layer, values in per_layer.items():
+            if not isinstance(layer, str) or not isinstance(values, (list, tuple)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in values):
+                raise ValueError("trainable_token_indices must be a list of token ids (ints >= 0) or a dict of "
+                                 f"embedding-module name -> such a list, got {indices!r}")
 
     def _check_init(self) -> None:
         init = self.init_lora_weights

@@ -17,8 +17,10 @@ from torch import nn
 
 from . import serving
 from .config import LoraConfig
-from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, ModulesToSaveWrapper
+from .layers import (AuxiliaryTrainingWrapper, Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer,
+                     ModulesToSaveWrapper, TrainableTokensWrapper)
 from .layers.mha import MultiheadAttention
+from .layers.trainable_tokens import add_trainable_tokens
 from .layers.nf4 import Linear4bit
 from .target_parameters import check_same_target_parameters, inject_parameters
 from .nf4 import NF4Linear, _is_bnb_linear4bit
@@ -259,6 +261,7 @@ class LoraModel(nn.Module):
                     f"modules and try again (module names look like "
                     f"{[n for n, _ in list(self.model.named_modules())[1:6]]}).")
             self._add_modules_to_save(config, adapter_name)
+            add_trainable_tokens(self.model, config, adapter_name, active=adapter_name in self.active_adapters)
         except Exception:
             self._remove_adapter_everywhere(adapter_name)
             del self.peft_config[adapter_name]
@@ -277,11 +280,13 @@ class LoraModel(nn.Module):
                 for container in layer._adapter_modules():
                     if adapter_name in container:
                         container[adapter_name].requires_grad_(False)
+            for layer in self._token_layers():
+                layer.set_requires_grad(adapter_name, False)
 
     def _inside_lora_layer(self, key: str) -> bool:
         parts = key.split(".")
         for i in range(1, len(parts)):
-            if isinstance(self.model.get_submodule(".".join(parts[:i])), (LoraLayer, ModulesToSaveWrapper)):
+            if isinstance(self.model.get_submodule(".".join(parts[:i])), (LoraLayer, AuxiliaryTrainingWrapper)):
                 return True
         return False
 
@@ -292,7 +297,7 @@ class LoraModel(nn.Module):
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), key), config.lora_alpha)
         kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                       init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
-                      use_dora=config.use_dora)
+                      use_dora=config.use_dora, lora_bias=config.lora_bias)
         if config.init_lora_weights == "loftq":
             kwargs["loftq_config"] = config.loftq_config
         return kwargs
@@ -375,8 +380,8 @@ class LoraModel(nn.Module):
                 for name, item in container.items():
                     params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
                     adapter_params |= {id(p) for p in params}
-        wrappers = [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
-        wrapper_params = {id(p) for w in wrappers for p in w.modules_to_save.parameters()}
+        wrappers = [m for m in self.model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+        wrapper_params = {id(p) for w in wrappers for p in w.adapter_parameters()}
         for p in self.model.parameters():
             if id(p) not in adapter_params and id(p) not in wrapper_params:
                 p.requires_grad_(False)
@@ -408,8 +413,12 @@ class LoraModel(nn.Module):
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
                 layer.unmerge()
             layer.set_adapter(names)
+        for layer in self._token_layers():
+            if layer.merged:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                layer.unmerge()
         for module in self.model.modules():
-            if isinstance(module, ModulesToSaveWrapper):
+            if isinstance(module, AuxiliaryTrainingWrapper):
                 module.set_adapter(names[0]) if len(names) == 1 else module.set_adapter(names)
         self.active_adapter = names[0] if len(names) == 1 else names
         self._mark_only_adapters_as_trainable()
@@ -419,7 +428,7 @@ class LoraModel(nn.Module):
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Switch gradients of these adapters on or off in every layer (PEFT's set_requires_grad)."""
         for module in self.model.modules():
-            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
                 module.set_requires_grad(adapter_names, requires_grad)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
@@ -427,7 +436,7 @@ class LoraModel(nn.Module):
 
     def _set_adapter_layers(self, enabled: bool) -> None:
         for module in self.model.modules():
-            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
                 module.enable_adapters(enabled)
 
     def enable_adapter_layers(self) -> None:
@@ -443,8 +452,8 @@ class LoraModel(nn.Module):
 
     def _remove_adapter_everywhere(self, adapter_name: str, unwrap: bool = True) -> None:
         for module in self.model.modules():
-            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)) and (
-                    adapter_name in getattr(module, "r", {}) or adapter_name in getattr(module, "modules_to_save", {})):
+            if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)) and (
+                    adapter_name in module._get_available_adapters()):
                 module.delete_adapter(adapter_name)
         if not unwrap:  # delete_adapter, as PEFT: emptied layers stay wrapped (same state_dict keys)
             return
@@ -453,6 +462,8 @@ class LoraModel(nn.Module):
         for key, module in reversed(list(self.model.named_modules())):
             if isinstance(module, LoraLayer) and not module.r:
                 self._replace(key, module.base_layer)
+            elif isinstance(module, TrainableTokensWrapper) and not module._get_available_adapters():
+                self._replace(key, module.unloaded_module())
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -479,19 +490,30 @@ class LoraModel(nn.Module):
             if name not in self.peft_config:
                 raise ValueError(f"Adapter {name} not found; existing adapters: {sorted(self.peft_config)}")
         layers = [layer for _, layer in self.lora_layers()]
-        if safe_merge:  # check every layer before touching any
-            for layer in layers:
-                for name in names:
-                    if name in layer.r and name not in layer.merged_adapters:
-                        merged = layer.merged_weight(name)
-                        if not torch.isfinite(merged).all():
-                            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be "
-                                             "broken; the model was left unmerged")
-        for layer in layers:
+        for layer in layers:  # before touching any layer: lora_bias over a bias-free base raises
+            for name in names:
+                if name in layer.r and name not in layer.merged_adapters:
+                    merged_bias = layer.merged_bias(name)
+                    if safe_merge and not (torch.isfinite(layer.merged_weight(name)).all() and (
+                            merged_bias is None or torch.isfinite(merged_bias).all())):
+                        raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be "
+                                         "broken; the model was left unmerged")
+        tokens = self._token_layers()
+        for layer in tokens if safe_merge else ():
+            own = [n for n in names if n in layer.token_indices and n not in layer.merged_adapters]
+            if not torch.isfinite(layer.get_merged_weights(own)).all():
+                raise ValueError("NaNs detected in the merged weights. The trainable tokens of one of the adapters "
+                                 f"{own} are broken; the model was left unmerged")
+        for layer in layers + tokens:
             layer.merge(safe_merge=False, adapter_names=names)
+
+    def _token_layers(self) -> list:
+        """The trainable-token layers (PEFT's TrainableTokensLayer: merged with the LoRA layers)."""
+        return [m.token_adapter for m in self.model.modules() if isinstance(m, TrainableTokensWrapper)]
 
     def unmerge_adapter(self) -> None:
         merged = [layer for _, layer in self.lora_layers() if layer.merged]
+        merged += [layer for layer in self._token_layers() if layer.merged]
         if not merged:
             warnings.warn("Already unmerged. Nothing to do.")  # PEFT warns so (once per layer)
         for layer in merged:
@@ -520,7 +542,7 @@ class LoraModel(nn.Module):
                 if hasattr(base, "lora_ext_requantize") and merge:
                     base = base.lora_ext_requantize()
                 self._replace(key, base)
-            elif isinstance(module, ModulesToSaveWrapper):
+            elif isinstance(module, AuxiliaryTrainingWrapper):
                 # the active adapter's trained copy (e.g. a classifier head) stays, merged or not, as in PEFT
                 self._replace(key, module.unloaded_module())
         if hasattr(self.model, "peft_config"):
@@ -574,7 +596,7 @@ class LoraModel(nn.Module):
                     layer._adapter_pool_synced = True
                     synced.append(layer)
             for module in modules:
-                if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
                     handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             yield
         finally:

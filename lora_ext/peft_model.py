@@ -70,6 +70,13 @@ class PeftModel(nn.Module):
                 for param in params:
                     if param.dtype in (torch.float16, torch.bfloat16):
                         param.data = param.data.float()
+        for layer in self.base_model._token_layers():  # trainable tokens: their rows and originals too
+            for table in (layer.trainable_tokens_delta, layer.trainable_tokens_original):
+                if adapter_name in table and table[adapter_name].dtype in (torch.float16, torch.bfloat16):
+                    if isinstance(table[adapter_name], nn.Parameter):
+                        table[adapter_name].data = table[adapter_name].data.float()
+                    else:
+                        table[adapter_name] = table[adapter_name].float()
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from .layers import LoraLayer, ModulesToSaveWrapper
+from .layers import LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper
 
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME = "adapter_model.bin"
@@ -74,6 +74,8 @@ def adapter_key_map(peft_model: nn.Module, adapter_name: str) -> dict[str, str]:
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for pname, _ in module.modules_to_save[adapter_name].named_parameters():
                 mapping[f"{path}{pname}"] = f"{path}modules_to_save.{adapter_name}.{pname}"
+        elif isinstance(module, TrainableTokensWrapper):
+            mapping.update({path + saved: path + key for saved, key in module.saved_keys(adapter_name).items()})
     if config.bias == "all":
         for name, _ in lora_model.model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
@@ -113,7 +115,8 @@ def _embedding_base_keys(peft_model: nn.Module, config):
     those of LoRA-wrapped embeddings when embed_tokens/lm_head are targeted, and both
     embeddings when the vocabulary was resized."""
     model = peft_model.base_model.model
-    targeted = _embedding_is_targeted(config, model)
+    # trainable tokens exist to save only a few rows: targeted embeddings are not saved then
+    targeted = _embedding_is_targeted(config, model) and config.trainable_token_indices is None
     if not targeted and not _vocab_was_resized(model, config):
         return []
     keys = []

@@ -248,7 +248,21 @@ def mixed_batch_linear(layer, x: torch.Tensor, result: torch.Tensor, adapter_nam
         starts = pool.segment_starts(batch, tokens)
         z = ops.lora_shrink_sgmv(x2d, pool.lora_A, starts, idx)
         out = ops.lora_expand_sgmv(y_in, z, pool.lora_B, starts, idx, pool.scale)
+    out = _add_lora_biases(layer, out, adapter_names, tokens)
     return out.to(result.dtype).view(result.shape)
+
+
+def _add_lora_biases(layer, out: torch.Tensor, adapter_names, tokens: int) -> torch.Tensor:
+    """Adapters with lora_bias=True add scaling·(lora_B bias) to their rows (in the pool's
+    dtype, before the result is rounded to the base dtype, as PEFT's lora_B adds it)."""
+    lora_bias = getattr(layer, "lora_bias", {})
+    biased = {name: layer.lora_B[name].bias * layer.scaling[name]
+              for name in dict.fromkeys(adapter_names) if lora_bias.get(name, False)}
+    if not biased:
+        return out
+    zero = out.new_zeros(out.shape[-1])
+    per_row = torch.stack([biased[name].to(out.dtype) if name in biased else zero for name in adapter_names])
+    return out + per_row.repeat_interleave(tokens, dim=0)
 
 
 def mixed_batch_embedding(layer, ids: torch.Tensor, result: torch.Tensor, adapter_names) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Literal
 
 from torch import nn
 
-from .layers import LoraLayer, ModulesToSaveWrapper
+from .layers import LoraLayer, ModulesToSaveWrapper, TrainableTokensLayer
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _parameters_by_adapter(module: nn.Module, attrs) -> dict[str, list]:
 def get_layer_status(peft_model: nn.Module) -> list[TunerLayerStatus]:
     statuses = []
     for name, module in peft_model.base_model.named_modules():
-        if not isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+        if not isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensLayer)):
             continue
         params = _parameters_by_adapter(module, module.adapter_layer_names)
         devices = _parameters_by_adapter(module, module.adapter_layer_names + module.other_param_names)

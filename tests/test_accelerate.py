@@ -392,10 +392,6 @@ def test_dora_with_two_active_adapters_falls_back(fused_calls):
     _assert_falls_back_bitwise(model, fused_calls)
 
 
-def test_lora_bias_falls_back(fused_calls):
-    _assert_falls_back_bitwise(peft_model("gpt2", lora_bias=True), fused_calls)
-
-
 def _forward_backward_autocast(model, ids, dtype):
     with torch.autocast("cpu", dtype=dtype):
         model.zero_grad(set_to_none=True)

@@ -106,10 +106,10 @@ def test_warning_names_each_reason_with_its_layers():
 
 def test_adding_layers_to_an_accelerated_model_reports_the_new_reasons():
     model = lora_ext.accelerate(attention_only_model())
-    with pytest.warns(UserWarning, match=r"adapter 'bias': lora_bias=True .*gate_proj"):
+    with pytest.warns(UserWarning, match=r"adapter 'alora': a LoRA variant \(ALoraLinearVariant\) .*gate_proj"):
         warnings.simplefilter("always")
-        model.add_adapter("bias", peft.LoraConfig(r=4, target_modules=["gate_proj"], lora_bias=True))
-        model.base_model.set_adapter("bias")
+        model.add_adapter("alora", peft.LoraConfig(r=4, target_modules=["gate_proj"], alora_invocation_tokens=[3]))
+        model.base_model.set_adapter("alora")
         lora_ext.accelerate(model)  # the active adapter changed: accelerate reports again when asked
     assert type(model.base_model.model.model.layers[0].mlp.gate_proj) is fused_lora_linear_class()
 

@@ -171,11 +171,11 @@ def test_failed_load_then_a_good_load_matches_peft(tmp_path):
 
 
 def test_unsupported_peft_feature_in_a_peft_config_is_named(tmp_path):
-    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"], lora_bias=True))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"], use_qalora=True))
     randomize_adapters(theirs)
     theirs.save_pretrained(tmp_path)
     base = tiny_llama()
     before = snapshot(base)
-    with pytest.raises(ValueError, match="lora_bias"):
+    with pytest.raises(ValueError, match="use_qalora"):
         lora_ext.PeftModel.from_pretrained(base, tmp_path)
     assert_unchanged(base, before)

@@ -23,7 +23,8 @@ class LoraLayer:
     adapter_layer_names: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
                                             "lora_magnitude_vector")
     # per-adapter settings, keyed by adapter name like the containers above (PEFT's name)
-    other_param_names: tuple[str, ...] = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_rslora")
+    other_param_names: tuple[str, ...] = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_rslora",
+                                          "lora_bias")
 
     def _init_lora_state(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:
         self.base_layer = base_layer
@@ -34,6 +35,7 @@ class LoraLayer:
         self.scaling: dict[str, float] = {}
         self.use_dora: dict[str, bool] = {}
         self.use_rslora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}  # lora_bias=True: lora_B has a bias (PEFT's lora_B bias)
         self.lora_dropout = nn.ModuleDict()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -162,6 +164,30 @@ class LoraLayer:
                 else:
                     item.to(weight.device, dtype)
 
+    def _set_lora_bias(self, adapter_name: str, lora_bias: bool) -> None:
+        """Record lora_bias for this adapter (its lora_B is then built with a bias); PEFT's warning
+        when the base layer has no bias to fold it into at merge time."""
+        if lora_bias and getattr(self.base_layer, "bias", None) is None:
+            kind = type(self.base_layer).__name__
+            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {kind} has no bias. This means "
+                          "that merging LoRA weights won't be possible.")
+        self.lora_bias[adapter_name] = bool(lora_bias)
+
+    def merged_bias(self, adapter: str) -> torch.Tensor | None:
+        """The base bias plus scaling·(lora_B bias), for a lora_bias adapter (None otherwise).
+        RuntimeError (PEFT's) when the base layer has no bias to hold it."""
+        if not self.lora_bias.get(adapter, False):
+            return None
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None:
+            raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+        return (bias.data + self.lora_B[adapter].bias.detach() * self.scaling[adapter]).to(bias.dtype)
+
+    def _unmerge_bias(self, adapter: str) -> None:
+        if self.lora_bias.get(adapter, False):
+            bias = self.base_layer.bias
+            bias.data = (bias.data - self.lora_B[adapter].bias.detach() * self.scaling[adapter]).to(bias.dtype)
+
     def _dropout_module(self, p: float) -> nn.Module:
         return nn.Dropout(p=p) if p > 0.0 else nn.Identity()
 
@@ -171,10 +197,11 @@ class LoraLayer:
             lora_A, lora_B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
         else:
             lora_A, lora_B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        lora_B_bias = self.lora_B[adapter_name].bias if self.lora_bias.get(adapter_name, False) else None
         new_base = lora_init.init_lora_weights(
             lora_A, lora_B, init_lora_weights, base_weight=self.base_layer.weight, r=self.r[adapter_name],
             scaling=self.scaling[adapter_name], fan_in_fan_out=getattr(self, "fan_in_fan_out", False),
-            layer_kind=layer_kind, loftq_config=loftq_config)
+            layer_kind=layer_kind, lora_B_bias=lora_B_bias, loftq_config=loftq_config)
         if new_base is not None:
             self.base_layer.weight.data = new_base
 
@@ -213,10 +240,15 @@ class LoraLayer:
         """
         weight = self.base_layer.weight
         for name in self._check_adapters_to_merge(adapter_names):
+            # both before anything changes: a lora_bias adapter over a bias-free base raises
             merged = self.merged_weight(name)
-            if safe_merge and not torch.isfinite(merged).all():
+            merged_bias = self.merged_bias(name)
+            if safe_merge and not (torch.isfinite(merged).all() and (
+                    merged_bias is None or torch.isfinite(merged_bias).all())):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             weight.data = merged
+            if merged_bias is not None:
+                self.base_layer.bias.data = merged_bias
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -228,6 +260,7 @@ class LoraLayer:
             name = self.merged_adapters.pop()
             if name in self.r:
                 weight.data = self.unmerged_weight(name)
+                self._unmerge_bias(name)
 
     # ---------------------------------------------------------------- mixed batches
 

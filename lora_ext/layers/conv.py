@@ -28,12 +28,13 @@ class _ConvNd(nn.Module, LoraLayer):
                              f"{base_layer.weight.dim()}")
         self._init_lora_state(base_layer, base_layer.in_channels, base_layer.out_channels)
         self._dora_merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the norms used at merge time
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora,
+                          lora_bias=kwargs.get("lora_bias", False))
         self.set_adapter(adapter_name)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False,
-                     loftq_config=None) -> None:  # loftq_config: refused by the init for this layer kind
+                     loftq_config=None, lora_bias: bool = False) -> None:  # loftq_config: refused by the init here
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         base = self.base_layer
@@ -42,13 +43,14 @@ class _ConvNd(nn.Module, LoraLayer):
             raise ValueError(f"Targeting a {kind} with groups={base.groups} and rank {r}. Currently, support is "
                              "limited to conv layers where the rank is divisible by groups. Either choose a "
                              "different rank or do not target this specific layer.")
+        self._set_lora_bias(adapter_name, lora_bias)
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
         self.use_dora[adapter_name] = bool(use_dora)
         self.lora_dropout[adapter_name] = self._dropout_module(lora_dropout)
         conv, ones = type(base), (1,) * self.spatial_dims
         self.lora_A[adapter_name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
                                          bias=False)
-        self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=False)
+        self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
         self._initialise(adapter_name, init_lora_weights, f"conv{self.spatial_dims}d")
         self._move_adapter_to_base(adapter_name)
         if use_dora:  # PEFT keeps the conv magnitude as [1, out, 1, ...]

@@ -24,14 +24,18 @@ class Embedding(nn.Module, LoraLayer):
         num_embeddings, embedding_dim = base_layer.weight.shape
         self._init_lora_state(base_layer, num_embeddings, embedding_dim)
         self._dora_merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the norms used at merge time
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora,
+                          lora_bias=kwargs.get("lora_bias", False))
         self.set_adapter(adapter_name)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False,
-                     loftq_config=None) -> None:  # loftq_config: refused by the init for this layer kind
+                     loftq_config=None, lora_bias: bool = False) -> None:  # loftq_config: refused by the init here
+        if lora_bias:  # PEFT's words: its embedding adapters are bare parameters, with no bias
+            raise ValueError(f"lora_bias={lora_bias} is not supported for {type(self).__name__}.")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        self.lora_bias[adapter_name] = False
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
         self.use_dora[adapter_name] = bool(use_dora)
         self.lora_dropout[adapter_name] = self._dropout_module(lora_dropout)

@@ -48,18 +48,19 @@ class Linear(nn.Module, LoraLayer):
         self.fan_in_fan_out = fan_in_fan_out
         self._dora_merge_norms: dict[str, torch.Tensor] = {}  # DoRA: the norms used at merge time
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora,
-                          loftq_config=kwargs.get("loftq_config"))
+                          loftq_config=kwargs.get("loftq_config"), lora_bias=kwargs.get("lora_bias", False))
         self.set_adapter(adapter_name)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False,
-                     loftq_config=None) -> None:
+                     loftq_config=None, lora_bias: bool = False) -> None:
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        self._set_lora_bias(adapter_name, lora_bias)
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
         self.lora_dropout[adapter_name] = self._dropout_module(lora_dropout)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
         self.use_dora[adapter_name] = bool(use_dora)
         self._initialise(adapter_name, init_lora_weights, "linear", loftq_config=loftq_config)
         self._move_adapter_to_base(adapter_name)
@@ -139,6 +140,8 @@ class Linear(nn.Module, LoraLayer):
             return False
         if autocast_active(x):
             tensors = [x, weight, *self.dora_factors(adapter)]
+            if self.lora_B[adapter].bias is not None:
+                tensors.append(self.lora_B[adapter].bias)
             if self.use_dora.get(adapter, False):
                 tensors.append(self.lora_magnitude_vector[adapter].weight)
             return all(autocast_eligible(t) for t in tensors)
@@ -150,8 +153,9 @@ class Linear(nn.Module, LoraLayer):
         p = dropout_p(self.lora_dropout[adapter])
         training = self.training and p > 0.0
         seed = fresh_dropout_seed() if training else 0
+        lora_B = self.lora_B[adapter]
         return ops.lora_linear(x, self.base_weight_out_in(), self.base_layer.bias, self.lora_A[adapter].weight,
-                               self.lora_B[adapter].weight, self.scaling[adapter], p, seed, training)
+                               lora_B.weight, self.scaling[adapter], p, seed, training, lora_bias=lora_B.bias)
 
     def _adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """PEFT's unfused formulation: B(A(dropout(x)))·s in the adapter's dtype."""

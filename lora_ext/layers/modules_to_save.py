@@ -13,7 +13,29 @@ import torch
 from torch import nn
 
 
-class ModulesToSaveWrapper(nn.Module):
+class AuxiliaryTrainingWrapper(nn.Module):
+    """A module trained next to the LoRA adapters, in place of a module of the base model
+    (PEFT's name): modules_to_save copies, trainable tokens. Each subclass has
+    set_adapter, set_requires_grad, enable_adapters, delete_adapter, unloaded_module,
+    adapter_parameters and _get_available_adapters; LoraModel treats them all alike."""
+
+    _active_adapter: list[str]
+    _disable_adapters: bool = False
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return []  # what a wrapper merges, its inner layer records
+
+
+class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
     adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
     other_param_names: tuple[str, ...] = ()
 
@@ -30,14 +52,6 @@ class ModulesToSaveWrapper(nn.Module):
     def weight(self):
         return self._current().weight
 
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapter)
-
     def update(self, adapter_name: str) -> None:
         if adapter_name not in self.modules_to_save:
             self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
@@ -51,9 +65,8 @@ class ModulesToSaveWrapper(nn.Module):
             module.requires_grad_(key in names)
         self._active_adapter = names
 
-    @property
-    def merged_adapters(self) -> list[str]:
-        return []  # a trained copy replaces the module; nothing is ever merged into it
+    def adapter_parameters(self):
+        return list(self.modules_to_save.parameters())
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)

@@ -97,12 +97,14 @@ class Linear4bit(Linear):
         self._init_lora_state(base_layer, base_layer.in_features, base_layer.out_features)
         self.fan_in_fan_out = False
         self._dora_merge_norms: dict[str, Tensor] = {}
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora,
+                          lora_bias=kwargs.get("lora_bias", False))
         self.set_adapter(adapter_name)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights=True, use_rslora: bool = False, use_dora: bool = False, **kwargs) -> None:
-        super().update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, False)
+        super().update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, False,
+                             lora_bias=kwargs.get("lora_bias", False))
         self.use_dora[adapter_name] = bool(use_dora)
         if use_dora:
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude4bit(self, adapter_name)
@@ -154,11 +156,15 @@ class Linear4bit(Linear):
             if name not in self.lora_A:
                 continue
             warnings.warn(_MERGE_WARNING, stacklevel=2)
+            merged_bias = self.merged_bias(name)  # (PEFT 0.21 leaves out the scaling here; we fold s·b)
             merged = self.merged_weight(name)
-            if safe_merge and not torch.isfinite(merged).all():
+            if safe_merge and not (torch.isfinite(merged).all() and (
+                    merged_bias is None or torch.isfinite(merged_bias).all())):
                 self._dora_merge_norms.pop(name, None)
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             self._requantize(merged)
+            if merged_bias is not None:
+                self.base_layer.bias.data = merged_bias
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -171,6 +177,7 @@ class Linear4bit(Linear):
                 continue
             warnings.warn(_UNMERGE_WARNING, stacklevel=2)
             self._requantize(self.unmerged_weight(name))
+            self._unmerge_bias(name)
 
     def _requantize(self, weight: Tensor) -> None:
         # As PEFT with bitsandbytes: the merged weight is quantised in the dtype the merge
@@ -216,6 +223,11 @@ class Linear4bit(Linear):
         return p, fresh_dropout_seed()
 
     def _lora_output(self, x: Tensor, adapter: str) -> Tensor:
+        output = self._lora_delta(x, adapter)
+        bias = self.lora_B[adapter].bias  # lora_bias=True: PEFT's lora_B(...) * scaling includes it
+        return output if bias is None else output + bias.to(output.dtype) * self.scaling[adapter]
+
+    def _lora_delta(self, x: Tensor, adapter: str) -> Tensor:
         p, seed = self._dropout_args(adapter)
         lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         if autocast_active(x) and all(autocast_eligible(t) for t in (x, lora_A, lora_B)):

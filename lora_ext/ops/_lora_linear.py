@@ -65,18 +65,21 @@ def _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling) -> bool:
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float, dropout_p: float = 0.0, seed: int = 0, training: bool = True,
-                offset: int = 0) -> Tensor:
+                offset: int = 0, lora_bias: Tensor | None = None) -> Tensor:
     """Fused LoRA linear layer.
 
     Semantics (reference.lora_linear)::
 
         p = dropout_p if training else 0
         mask = philox_keep_mask(x.shape, p, seed, offset)    # reference.dropout_mask
-        y = x @ weight.T + bias + scaling * ((x * mask / (1 - p)) @ lora_A.T) @ lora_B.T
+        y = x @ weight.T + bias + scaling * (((x * mask / (1 - p)) @ lora_A.T) @ lora_B.T + lora_bias)
 
     Shapes: x [..., in], weight [out, in], bias [out] or None, lora_A [r, in],
-    lora_B [out, r]. Backward keeps only x and z = drop(x) @ lora_A.T (r columns) and
-    regenerates the mask from (seed, offset).
+    lora_B [out, r], lora_bias [out] or None (PEFT's lora_B bias, lora_bias=True). Backward
+    keeps only x and z = drop(x) @ lora_A.T (r columns) and regenerates the mask from
+    (seed, offset). lora_bias joins the kernel's bias as bias + scaling * lora_bias (an
+    autograd op, so its gradient is scaling * sum(grad_y)); with adapters of another dtype
+    it is added in the adapter branch, in their dtype, as PEFT adds it.
 
     Dtypes: x, weight and bias share one dtype, lora_A and lora_B one dtype. Adapters of
     another dtype (PEFT's fp32 adapters over a half base) get PEFT's arithmetic: the base
@@ -85,13 +88,32 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     tensor runs in the autocast dtype (the op's autocast rule), as PEFT's layers do there.
     """
     mixed = _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling)
+    if lora_bias is not None:
+        _check_lora_bias(lora_bias, lora_A, weight.shape[0])
     p = _check_dropout(dropout_p)  # checked in eval too: a bad config fails at once
     if not training:
         p = 0.0
-    args = (x, weight, bias, lora_A, lora_B, float(scaling), p, _check_int("seed", seed),
-            _check_int("offset", offset))
-    y, _ = _MixedLoraLinear.apply(*args) if mixed else _ops.lora_linear_forward(*args)
+    scalars = (float(scaling), p, _check_int("seed", seed), _check_int("offset", offset))
+    if mixed:
+        y, _ = _MixedLoraLinear.apply(x, weight, bias, lora_A, lora_B, *scalars, lora_bias)
+        return y
+    if lora_bias is not None:
+        folded = lora_bias * scalars[0]
+        bias = folded if bias is None else bias + folded
+    y, _ = _ops.lora_linear_forward(x, weight, bias, lora_A, lora_B, *scalars)
     return y
+
+
+def _check_lora_bias(lora_bias, lora_A: Tensor, out_features: int) -> None:
+    if not isinstance(lora_bias, Tensor):
+        raise TypeError(f"lora_linear: lora_bias must be a Tensor or None, got {type(lora_bias).__name__}")
+    if tuple(lora_bias.shape) != (out_features,):
+        raise ValueError(f"lora_linear: lora_bias must have shape [{out_features}], got {tuple(lora_bias.shape)}")
+    if lora_bias.device != lora_A.device:
+        raise ValueError(f"lora_linear: lora_bias is on {lora_bias.device} but lora_A is on {lora_A.device}")
+    if lora_bias.dtype != lora_A.dtype and not (_autocast_active(lora_A) and _autocast_eligible(lora_bias)):
+        raise TypeError(f"lora_linear: lora_bias has dtype {lora_bias.dtype} but lora_A has {lora_A.dtype}; "
+                        "lora_bias belongs to the adapter and shares its dtype")
 
 
 @torch.library.register_fake("lora_ext::lora_linear_forward")
@@ -205,16 +227,18 @@ class _MixedLoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, offset):
+    def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, offset, lora_bias=None):
         x2d = x.reshape(-1, weight.shape[1])
         z = _dropped(x2d.to(lora_A.dtype), dropout_p, seed, offset) @ lora_A.T
         y = torch.nn.functional.linear(x2d, weight, bias).to(lora_A.dtype)
-        y = y.addmm_(z, lora_B.T, alpha=scaling).to(x.dtype)
-        return y.view(*x.shape[:-1], weight.shape[0]), z
+        y = y.addmm_(z, lora_B.T, alpha=scaling)
+        if lora_bias is not None:
+            y = y.add_(lora_bias, alpha=scaling)
+        return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0]), z
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, offset = inputs
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, offset = inputs[:9]
         ctx.save_for_backward(x, output[1], weight, lora_A, lora_B)
         ctx.scalars = (scaling, dropout_p, seed, offset)
         ctx.mark_non_differentiable(output[1])
@@ -224,6 +248,7 @@ class _MixedLoraLinear(torch.autograd.Function):
         x, z, weight, lora_A, lora_B = ctx.saved_tensors
         scaling, dropout_p, seed, offset = ctx.scalars
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        need_lora_bias = len(ctx.needs_input_grad) > 9 and ctx.needs_input_grad[9]
         x2d = x.reshape(-1, weight.shape[1])
         g2d = grad_y.reshape(-1, weight.shape[0])
         g = g2d.to(lora_A.dtype)
@@ -246,7 +271,8 @@ class _MixedLoraLinear(torch.autograd.Function):
             grad_w = g2d.T @ x2d
         if need_bias:
             grad_bias = g2d.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
+        grad_lora_bias = g.sum(0) * scaling if need_lora_bias else None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None, grad_lora_bias
 
 
 # ---------------------------------------------------------------- dropout mask

@@ -67,9 +67,12 @@ def lora_dropout(x: torch.Tensor, dropout_p: float, seed: int, offset: int = 0) 
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
-                seed: int = 0, training: bool = True, offset: int = 0) -> torch.Tensor:
-    """y = x @ weight.T + bias + scaling * (drop(x) @ lora_A.T) @ lora_B.T"""
+                seed: int = 0, training: bool = True, offset: int = 0, lora_bias=None) -> torch.Tensor:
+    """y = x @ weight.T + bias + scaling * ((drop(x) @ lora_A.T) @ lora_B.T + lora_bias)"""
     p = dropout_p if training else 0.0
     y = torch.nn.functional.linear(x, weight, bias)
     z = lora_dropout(x, p, seed, offset) @ lora_A.T
-    return y + scaling * (z @ lora_B.T)
+    branch = z @ lora_B.T
+    if lora_bias is not None:
+        branch = branch + lora_bias
+    return y + scaling * branch
