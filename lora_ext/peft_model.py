@@ -172,13 +172,22 @@ class PeftModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self):
-        """Run the base model alone inside the block (merged adapters are unmerged first)."""
+        """Run the base model alone inside the block (merged adapters are unmerged first).
+
+        Leaving the block restores the layers' state: all disabled stay disabled; enabled, or a
+        mix (which warns, as PEFT), become enabled."""
+        enabled = {not layer.disable_adapters for _, layer in self.base_model.lora_layers()}
+        if len(enabled) > 1:
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                          "This is most likely unintentional: on leaving the disable_adapter block every adapter "
+                          "layer will be enabled.", UserWarning, stacklevel=3)
         self.base_model.disable_adapter_layers()
         was_disabled, self._adapters_disabled = self._adapters_disabled, True
         try:
             yield
         finally:
-            self.base_model.enable_adapter_layers()
+            if enabled != {False}:
+                self.base_model.enable_adapter_layers()
             self._adapters_disabled = was_disabled
 
     # ---------------------------------------------------------------- adapters

@@ -394,3 +394,31 @@ def test_set_scale_scale_layer_and_unscale_layer_as_peft(use_rslora):
                  lambda l: l.unscale_layer(2.0), lambda l: l.unscale_layer()):
         step(layer), step(peft_layer)
         assert layer.scaling == pytest.approx(peft_layer.scaling)
+
+
+def _two_layer_models():
+    def base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    ours = lora_ext.get_peft_model(base(), lora_ext.LoraConfig(r=2, target_modules=["0", "2"]))
+    theirs = peft.get_peft_model(base(), peft.LoraConfig(r=2, target_modules=["0", "2"]))
+    layers = lambda model: [m for m in model.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
+    return (ours, layers(ours)), (theirs, layers(theirs))
+
+
+def test_disable_adapter_block_restores_the_layers_state_as_peft():
+    for model, layers in _two_layer_models():
+        assert len(layers) == 2
+        model.base_model.disable_adapter_layers()           # all disabled before: stay disabled
+        with model.disable_adapter():
+            pass
+        assert all(layer.disable_adapters for layer in layers), type(model)
+        model.base_model.enable_adapter_layers()            # all enabled before: enabled again
+        with model.disable_adapter():
+            assert all(layer.disable_adapters for layer in layers)
+        assert not any(layer.disable_adapters for layer in layers), type(model)
+        layers[0].enable_adapters(False)                    # a mix: warns, then all enabled
+        msg = "The model contains some adapter layers that are enabled and others that are disabled"
+        with pytest.warns(UserWarning, match=msg), model.disable_adapter():
+            pass
+        assert not any(layer.disable_adapters for layer in layers), type(model)
