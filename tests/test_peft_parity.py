@@ -422,3 +422,12 @@ def test_disable_adapter_block_restores_the_layers_state_as_peft():
         with pytest.warns(UserWarning, match=msg), model.disable_adapter():
             pass
         assert not any(layer.disable_adapters for layer in layers), type(model)
+
+
+def test_merging_again_warns_as_peft():
+    for model, layers in _two_layer_models():
+        model.eval()
+        model.merge_adapter()
+        with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
+            model.merge_adapter()
+        assert all(layer.merged_adapters == ["default"] for layer in layers), type(model)

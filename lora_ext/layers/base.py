@@ -213,10 +213,16 @@ class LoraLayer:
     def _check_adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         names = [n for n in names if n in self.r]
-        already = [n for n in names if n in self.merged_adapters]
-        if already:
-            warnings.warn(f"already merged adapters {already} are skipped; merged: {self.merged_adapters}")
-        return [n for n in names if n not in self.merged_adapters]
+        if not self.merged_adapters:
+            return names
+        # PEFT's warnings, whenever the layer already holds merged adapters
+        todo = [n for n in names if n not in self.merged_adapters]
+        if todo:
+            warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                          f"You are now additionally merging {','.join(todo)}.")
+        else:
+            warnings.warn("All adapters are already merged, nothing to do.")
+        return todo
 
     def merged_weight(self, adapter: str) -> torch.Tensor:
         """The base weight with this adapter merged in (not yet written)."""
