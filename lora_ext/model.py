@@ -471,8 +471,11 @@ class LoraModel(nn.Module):
         if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
             raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
                              "first.")
+        was_active = adapter_name in self.active_adapters
         del self.peft_config[adapter_name]
         self._remove_adapter_everywhere(adapter_name, unwrap=False)
+        if not was_active:  # the active adapters, and what is merged, stay as they are
+            return
         remaining = [n for n in self.active_adapters if n != adapter_name] or list(self.peft_config)[:1]
         if remaining:
             self.active_adapter = remaining[0] if len(remaining) == 1 else remaining

@@ -431,3 +431,23 @@ def test_merging_again_warns_as_peft():
         with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
             model.merge_adapter()
         assert all(layer.merged_adapters == ["default"] for layer in layers), type(model)
+
+
+def test_deleting_an_unmerged_adapter_keeps_the_merged_one_as_peft():
+    def base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    for library in (lora_ext, peft):
+        config = library.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False)
+        model = library.get_peft_model(base(), config, adapter_name="adapter0")
+        model.add_adapter("adapter1", library.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
+        model.set_adapter("adapter1")
+        layers = [m for m in model.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
+        model.merge_adapter()
+        with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['adapter1'\] while they are merged"):
+            model.delete_adapter("adapter1")
+        assert [layer._all_available_adapter_names() for layer in layers] == [["adapter0", "adapter1"]] * 2
+        model.delete_adapter("adapter0")
+        assert [layer.merged_adapters for layer in layers] == [["adapter1"]] * 2, library.__name__
+        assert model.active_adapters == ["adapter1"]
+        assert [layer._all_available_adapter_names() for layer in layers] == [["adapter1"]] * 2

@@ -110,6 +110,15 @@ class LoraLayer:
     def _get_available_adapters(self) -> set[str]:
         return {key for container in self._adapter_modules() for key in container}
 
+    def _all_available_adapter_names(self) -> list[str]:
+        """Every adapter name any per-adapter table of the layer holds, sorted (PEFT's method)."""
+        names: set[str] = set()
+        for attr in self.adapter_layer_names + self.other_param_names:
+            table = getattr(self, attr, None)
+            if hasattr(table, "keys"):
+                names.update(table.keys())
+        return sorted(names)
+
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
