@@ -486,29 +486,31 @@ class LoraModel(nn.Module):
     # ---------------------------------------------------------------- merging
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Merge adapters into the base weights (all or nothing when safe_merge fails)."""
+        """Merge adapters into the base weights (all or nothing when safe_merge fails). Without
+        adapter_names each layer merges its own active adapters (as PEFT)."""
         self._check_merge_allowed()
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
-        for name in names:
+        for name in adapter_names or ():
             if name not in self.peft_config:
                 raise ValueError(f"Adapter {name} not found; existing adapters: {sorted(self.peft_config)}")
         layers = [layer for _, layer in self.lora_layers()]
+        tokens = self._token_layers()
+        chosen = {id(layer): list(adapter_names) if adapter_names is not None else list(layer.active_adapters)
+                  for layer in layers + tokens}
         for layer in layers:  # before touching any layer: lora_bias over a bias-free base raises
-            for name in names:
+            for name in chosen[id(layer)]:
                 if name in layer.r and name not in layer.merged_adapters:
                     merged_bias = layer.merged_bias(name)
                     if safe_merge and not (torch.isfinite(layer.merged_weight(name)).all() and (
                             merged_bias is None or torch.isfinite(merged_bias).all())):
                         raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be "
                                          "broken; the model was left unmerged")
-        tokens = self._token_layers()
         for layer in tokens if safe_merge else ():
-            own = [n for n in names if n in layer.token_indices and n not in layer.merged_adapters]
+            own = [n for n in chosen[id(layer)] if n in layer.token_indices and n not in layer.merged_adapters]
             if not torch.isfinite(layer.get_merged_weights(own)).all():
                 raise ValueError("NaNs detected in the merged weights. The trainable tokens of one of the adapters "
                                  f"{own} are broken; the model was left unmerged")
         for layer in layers + tokens:
-            layer.merge(safe_merge=False, adapter_names=names)
+            layer.merge(safe_merge=False, adapter_names=chosen[id(layer)])
 
     def _token_layers(self) -> list:
         """The trainable-token layers (PEFT's TrainableTokensLayer: merged with the LoRA layers)."""

@@ -451,3 +451,18 @@ def test_deleting_an_unmerged_adapter_keeps_the_merged_one_as_peft():
         assert [layer.merged_adapters for layer in layers] == [["adapter1"]] * 2, library.__name__
         assert model.active_adapters == ["adapter1"]
         assert [layer._all_available_adapter_names() for layer in layers] == [["adapter1"]] * 2
+
+
+def test_merge_adapter_without_names_merges_each_layer_s_own_active_adapters_as_peft():
+    def base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    merged = []
+    for library in (lora_ext, peft):
+        model = library.get_peft_model(base(), library.LoraConfig(r=2, target_modules=["0", "2"]), adapter_name="a")
+        model.add_adapter("b", library.LoraConfig(r=2, target_modules=["0", "2"]))
+        layers = [m for m in model.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
+        layers[0].set_adapter("b")          # this layer alone runs "b"
+        model.merge_adapter()
+        merged.append([layer.merged_adapters for layer in layers])
+    assert merged[0] == merged[1] == [["b"], ["a"]]
