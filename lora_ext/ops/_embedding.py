@@ -11,7 +11,7 @@ _INDEX_DTYPES = (torch.int64, torch.int32)
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def adapter_dtype_supported(table_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
+def lora_embedding_dtypes_ok(table_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
     """Whether lora_embedding takes adapters of adapter_dtype over a table of table_dtype:
     the same dtype, or float32 adapters over a half table (PEFT's autocast_adapter_dtype)."""
     return table_dtype in _SUPPORTED_DTYPES and (
@@ -32,7 +32,7 @@ def _check(indices, weight, lora_A, lora_B, scaling, padding_idx) -> int:
     if lora_B.dtype != lora_A.dtype:
         raise TypeError(f"{op}: lora_A has dtype {lora_A.dtype} but lora_B has {lora_B.dtype}; "
                         "they must share one dtype")
-    if not adapter_dtype_supported(weight.dtype, lora_A.dtype):
+    if not lora_embedding_dtypes_ok(weight.dtype, lora_A.dtype):
         raise TypeError(f"{op}: adapters in {lora_A.dtype} over a {weight.dtype} table; expected the "
                         "table's dtype, or float32 adapters over a float16/bfloat16 table")
     for name, t in (("indices", indices), ("lora_A", lora_A), ("lora_B", lora_B)):
