@@ -93,6 +93,9 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def(
       "lora_embedding_backward(Tensor grad_y, Tensor indices, Tensor lora_A, Tensor lora_B, "
       "float scaling, int padding_idx, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // LoRA on a convolution (groups 1): weight + scaling * reshape(lora_B [out, r, 1...] @
+  // lora_A [r, in, k...]), in weight's dtype: the one weight a merged convolution needs.
+  m.def("lora_conv_weight(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling) -> Tensor");
   // BGMV / SGMV: many adapters in one batch (row t uses adapter idx[t]; -1 = none).
   //   z[t] = x[t] @ lora_A[idx[t]].T                        (0 where idx[t] = -1)
   //   out[t] = y[t] + scale[idx[t]] * z[t] @ lora_B[idx[t]].T  (y[t] where idx[t] = -1)

@@ -19,9 +19,9 @@ template <typename TW, typename TA>
 void forward_typed(const at::Tensor& idx, const at::Tensor& weight, const at::Tensor& lora_A,
                    const at::Tensor& bt, double scaling, at::Tensor& y) {
   using Acc = acc_of<TW>;
-  const int64_t rows = idx.numel(), out = weight.size(1), r = lora_A.size(0);
+  const int64_t rows = idx.defined() ? idx.numel() : weight.size(0), out = weight.size(1), r = lora_A.size(0);
   const int64_t ldw = weight.stride(0), sa0 = lora_A.stride(0), sa1 = lora_A.stride(1);
-  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  const int64_t* ip = idx.defined() ? idx.const_data_ptr<int64_t>() : nullptr;
   const TW* wp = weight.const_data_ptr<TW>();
   const TA* ap = lora_A.const_data_ptr<TA>();
   const Acc* btp = bt.const_data_ptr<Acc>();
@@ -32,7 +32,7 @@ void forward_typed(const at::Tensor& idx, const at::Tensor& weight, const at::Te
   at::parallel_for(0, rows, grain, [&](int64_t t0, int64_t t1) {
     std::vector<Acc> a(static_cast<size_t>(r));
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t v = ip[t];
+      const int64_t v = ip != nullptr ? ip[t] : t;
       for (int64_t j = 0; j < r; ++j) a[j] = static_cast<Acc>(ap[j * sa0 + v * sa1]);
       core::embedding_lora_row(wp + v * ldw, a.data(), btp, out, r, out, s, yp + t * out,
                                [](TW w) { return static_cast<Acc>(w); },
@@ -76,7 +76,7 @@ void segment_sums_typed(const at::Tensor& src, const at::Tensor& sorted, const a
 void embedding_lora_forward(const at::Tensor& idx, const at::Tensor& weight,
                             const at::Tensor& lora_A, const at::Tensor& bt, double scaling,
                             at::Tensor& y) {
-  if (idx.numel() == 0 || weight.size(1) == 0) return;
+  if ((idx.defined() ? idx.numel() : weight.size(0)) == 0 || weight.size(1) == 0) return;
   const bool wide_adapters = lora_A.scalar_type() != weight.scalar_type();  // fp32 over half
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "lora_embedding", [&] {
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {

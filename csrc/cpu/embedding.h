@@ -6,7 +6,8 @@ namespace lora_ext {
 namespace cpu {
 
 // y [T, out] (contiguous, weight's dtype) row t = weight[idx[t]] + scaling * lora_A[:, idx[t]] . Bᵀ.
-// idx: int64 [T], every entry a row of weight (checked by the caller); weight [V, out] with unit
+// idx: int64 [T], every entry a row of weight (checked by the caller), or undefined for every
+// row in order (T = V: the merged weight W + s·(B·A) of a LoRA conv); weight [V, out] with unit
 // column stride; lora_A [r, V] (any strides) of weight's dtype or float32 over a half weight;
 // bt: Bᵀ [r, out] contiguous in the accumulation dtype (float64 for fp64, else float32).
 void embedding_lora_forward(const at::Tensor& idx, const at::Tensor& weight,

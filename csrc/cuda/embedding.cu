@@ -49,7 +49,7 @@ __global__ void forward_kernel(const int64_t* __restrict__ idx, const TW* __rest
   Acc* a = reinterpret_cast<Acc*>(smem_raw);
   const int64_t t = blockIdx.x;
   const int64_t o = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const int64_t v = idx[t];
+  const int64_t v = idx != nullptr ? idx[t] : t;
   if (!core::embedding_row_ok(v, num_embeddings)) {  // the whole block agrees
     if (o < out) y[t * out + o] = Cvt<TW>::store(Acc(0));
     return;

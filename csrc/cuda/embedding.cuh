@@ -10,7 +10,8 @@ namespace lora_ext {
 namespace cuda {
 
 // y [rows, out] (contiguous, weight_dtype) row t = weight[v] + scaling * lora_A[:, v] . Bᵀ,
-// v = idx[t]: weight [V, out] with row stride ldw, lora_A [r, V] with strides (sa0, sa1),
+// v = idx[t] (idx null: v = t, every row in order, rows = V: the merged weight W + s·(B·A) of
+// a LoRA conv, with B's rows as the staged values): weight [V, out] with row stride ldw, lora_A [r, V] with strides (sa0, sa1),
 // bt = Bᵀ [r, out] contiguous; lora_A and bt in adapter_dtype, which is weight_dtype or
 // kFloat32 over a half weight. Accumulates in float (double for kFloat64). A row whose index
 // lies outside [0, V) is written as zeros (the kernel cannot raise; nothing out of bounds is
