@@ -18,7 +18,10 @@ layers, hooks on the inner modules) runs PEFT's own forward, decided per call.
 FusedLoraEmbedding runs ops.lora_embedding (one pass per token: the base row, the token's
 column of lora_embedding_A and their rank-r expansion) for one active plain LoRA adapter on
 an nn.Embedding; several active adapters, variants, max_norm, sparse or scale_grad_by_freq
-lookups, an embed_scale or tensor-parallel hooks run PEFT's forward.
+lookups, an embed_scale or tensor-parallel hooks run PEFT's forward. FusedLoraConv1d/2d/3d
+run one convolution with the merged weight (ops.lora_conv) for one active plain adapter on a
+plain convolution (groups 1, no dilation, zero padding) when no dropout is at work (p = 0 or
+eval) and everything shares one dtype outside autocast; otherwise PEFT's three convolutions.
 
 Dropout: PEFT's nn.Dropout draws a fresh mask per call from torch's RNG; the fused layer
 draws a fresh Philox seed per call from torch's default CPU generator (for inputs on any
@@ -44,6 +47,7 @@ logger = logging.getLogger(__name__)
 _peft_classes: tuple | None = None
 _fused_class: type | None = None
 _fused_embedding_class: type | None = None
+_fused_conv_classes: dict[type, type] = {}
 _tuner_classes: tuple[type, type] | None = None
 
 
@@ -154,6 +158,8 @@ def _static_reason(layer) -> str | None:
     """Why this layer's forward (in its present state) cannot be fused; None when it can."""
     if isinstance(layer, _peft_embedding_class()):
         return _embedding_static_reason(layer)
+    if isinstance(layer, _peft_conv_classes()):
+        return _conv_static_reason(layer)
     base = layer.base_layer
     found = _base_weight_and_bias(base)
     if found is None:
@@ -342,10 +348,110 @@ def fused_lora_embedding_class() -> type:
     return _fused_embedding_class
 
 
+# ----------------------------------------------------------------------------- Conv
+
+
+def _peft_conv_classes() -> tuple[type, ...]:
+    from peft.tuners.lora.layer import Conv1d, Conv2d, Conv3d
+    return (Conv1d, Conv2d, Conv3d)
+
+
+def _conv_static_reason(layer) -> str | None:
+    """Why this lora.ConvNd's forward (in its present state) cannot run ops.lora_conv."""
+    from .layers.conv import merged_conv_reason
+    base = layer.base_layer
+    reason = merged_conv_reason(base)
+    if reason is not None:
+        return reason
+    if _has_hooks(base):
+        return "hooks on the base layer"
+    weight, bias = base.weight, base.bias
+    if not _plain_tensor(weight) or (bias is not None and not _plain_tensor(bias)):
+        return "base weights that are not plain tensors"
+    if weight.dtype not in SUPPORTED_DTYPES:
+        return f"base weight dtype {weight.dtype}"
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) > 1:
+        return "several active adapters on a Conv layer"
+    for name in active:
+        if name in layer.lora_variant:
+            return f"adapter {name!r}: a LoRA variant ({type(layer.lora_variant[name]).__name__})"
+        if layer.lora_bias.get(name, False):
+            return f"adapter {name!r}: lora_bias=True"
+        lora_A, lora_B, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+        kind = type(base)
+        if type(lora_A) is not kind or type(lora_B) is not kind or lora_A.bias is not None \
+                or lora_B.bias is not None or lora_B.groups != 1:
+            return f"adapter {name!r}: adapter modules that are not bias-free {kind.__name__} layers"
+        if type(drop) not in (nn.Identity, nn.Dropout):
+            return f"adapter {name!r}: a dropout module of type {type(drop).__name__}"
+        if _has_hooks(lora_A) or _has_hooks(lora_B) or _has_hooks(drop):
+            return f"adapter {name!r}: hooks on the adapter modules"
+        for t in (lora_A.weight, lora_B.weight):
+            if not _plain_tensor(t):
+                return f"adapter {name!r}: adapter weights that are not plain tensors"
+            if t.dtype != weight.dtype or t.device != weight.device:
+                return (f"adapter {name!r}: adapter in {t.dtype} on {t.device}, base layer in {weight.dtype} on "
+                        f"{weight.device} (fused: one dtype)")
+    return None
+
+
+class _FusedConvForward:
+    """The forward of FusedLoraConv1d/2d/3d: PEFT's lora.ConvNd running lora_ext.ops.lora_conv
+    (one convolution with the merged weight). Never constructed: `accelerate` switches the
+    class of existing PEFT layers."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._fused_adapter(x, args, kwargs)
+        if name is None:
+            return self._peft_class.forward(self, x, *args, **kwargs)
+        from .layers.conv import merged_conv_padding
+        base = self.base_layer
+        return ops.lora_conv(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                             float(self.scaling[name]), base.stride, merged_conv_padding(base))
+
+    def _fused_adapter(self, x, args, kwargs) -> str | None:
+        """The one active adapter when this call can be fused, else None (PEFT's forward)."""
+        if args or any(v is not None for v in kwargs.values()):
+            return None
+        if self.disable_adapters or self.merged or not isinstance(x, torch.Tensor):
+            return None
+        if _global_hooks() or _conv_static_reason(self) is not None:
+            return None
+        weight = self.base_layer.weight
+        if x.dtype != weight.dtype or x.device != weight.device or autocast_active(x) \
+                or x.dim() not in (weight.dim() - 1, weight.dim()):
+            return None
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if len(active) != 1:
+            return None
+        p, training = _dropout_of(self.lora_dropout[active[0]])
+        if training and p > 0.0:
+            return None  # the merged weight cannot drop the adapter's input
+        scaling = self.scaling[active[0]]
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+            return None
+        return active[0]
+
+
+def fused_lora_conv_classes() -> dict[type, type]:
+    """PEFT's lora.Conv1d/2d/3d -> FusedLoraConv1d/2d/3d (created on first use), subclasses that
+    override forward only."""
+    if not _fused_conv_classes:
+        _require_peft()
+        for peft_cls in _peft_conv_classes():
+            name = "FusedLora" + peft_cls.__name__
+            _fused_conv_classes[peft_cls] = type(name, (_FusedConvForward, peft_cls),
+                                                 {"__module__": __name__, "__doc__": _FusedConvForward.__doc__,
+                                                  "_peft_class": peft_cls})
+    return _fused_conv_classes
+
+
 def _swappable() -> dict[type, type]:
     """PEFT's LoRA layer class -> the fused class `accelerate` switches it to."""
     peft_linear, _ = _require_peft()
-    return {peft_linear: fused_lora_linear_class(), _peft_embedding_class(): fused_lora_embedding_class()}
+    return {peft_linear: fused_lora_linear_class(), _peft_embedding_class(): fused_lora_embedding_class(),
+            **fused_lora_conv_classes()}
 
 
 # ----------------------------------------------------------------------------- swapping
@@ -369,6 +475,9 @@ def __getattr__(name: str):
         return fused_lora_linear_class()
     if name == "FusedLoraEmbedding":
         return fused_lora_embedding_class()
+    for fused in fused_lora_conv_classes().values():
+        if name == fused.__name__:
+            return fused
     if name == "AcceleratedLoraModel":
         return _accelerated_tuner_classes()[1]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -388,8 +497,9 @@ def _lora_layers(model: nn.Module):
 
 
 def accelerate(model: nn.Module) -> nn.Module:
-    """Swap every peft.tuners.lora.layer.Linear in `model` for FusedLoraLinear, and every
-    lora.Embedding for FusedLoraEmbedding, in place.
+    """Swap every peft.tuners.lora.layer.Linear in `model` for FusedLoraLinear, every
+    lora.Embedding for FusedLoraEmbedding and every lora.Conv1d/2d/3d for FusedLoraConv1d/2d/3d,
+    in place.
 
     The layers keep their parameters, buffers, state_dict and hooks; only their forward
     changes. Returns `model`. Calling it again swaps only layers added since. PEFT's LoRA
@@ -397,9 +507,10 @@ def accelerate(model: nn.Module) -> nn.Module:
     a later add_adapter, load_adapter or add_weighted_adapter creates are swapped as they
     are made. Logs (logger "lora_ext.accelerate", INFO) how many layers were swapped and
     warns, reason by reason, about LoRA layers that will run PEFT's forward: in their
-    present configuration, or because their kind (Conv, ...) is not fused. A
+    present configuration, or because their kind (MultiheadAttention, ParamWrapper, quantised,
+    ...) is not fused. A
     model with nothing to swap is returned unchanged, with that warning. Subclasses of
-    PEFT's Linear and Embedding (other tuners' layers) are left alone.
+    PEFT's Linear, Embedding and ConvNd (other tuners' layers) are left alone.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"accelerate: expected a torch.nn.Module (e.g. a peft.PeftModel), "
@@ -426,9 +537,9 @@ def _swap_layers(model: nn.Module, stacklevel: int, report: bool) -> None:
     slow.update(kinds)
     total = len(plain) + len(fused) + len(kinds)
     if not plain and not fused:
-        warnings.warn("lora_ext.accelerate: nothing to swap: the model has no peft.tuners.lora.layer.Linear "
-                      "or Embedding layer (lora_ext fuses LoRA on nn.Linear, transformers Conv1D and "
-                      "nn.Embedding layers of a model wrapped by peft.get_peft_model)" + (f"; {_describe(slow)}" if slow else ""),
+        warnings.warn("lora_ext.accelerate: nothing to swap: the model has no peft.tuners.lora.layer.Linear, "
+                      "Embedding or ConvNd layer (lora_ext fuses LoRA on nn.Linear, transformers Conv1D, "
+                      "nn.Embedding and nn.Conv1d/2d/3d layers of a model wrapped by peft.get_peft_model)" + (f"; {_describe(slow)}" if slow else ""),
                       stacklevel=stacklevel)
     elif slow:
         warnings.warn(f"lora_ext.accelerate: {len(slow)} of {total} LoRA layers will run PEFT's own forward: "
@@ -436,10 +547,11 @@ def _swap_layers(model: nn.Module, stacklevel: int, report: bool) -> None:
 
 
 def _unfused_kinds(model: nn.Module) -> dict[str, str]:
-    """PEFT LoRA layers of kinds lora_ext does not fuse (Conv, quantised, ...)."""
+    """PEFT LoRA layers of kinds lora_ext does not fuse (MultiheadAttention, quantised, ...)."""
     from peft.tuners.lora.layer import LoraLayer as PeftLoraLayer
     swapped = tuple(_swappable())
-    return {name: f"a lora.{type(module).__name__} layer (fused: LoRA on nn.Linear, Conv1D and nn.Embedding)"
+    return {name: f"a lora.{type(module).__name__} layer (fused: LoRA on nn.Linear, Conv1D, nn.Embedding and "
+                  "nn.Conv1d/2d/3d)"
             for name, module in model.named_modules()
             if isinstance(module, PeftLoraLayer) and not isinstance(module, swapped)}
 
@@ -489,8 +601,8 @@ def _switch_tuners(model: nn.Module, accelerated: bool) -> None:
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo `accelerate`: every FusedLoraLinear (FusedLoraEmbedding) in `model` becomes PEFT's
-    Linear (Embedding) again, and its tuner PEFT's LoraModel.
+    """Undo `accelerate`: every FusedLoraLinear (FusedLoraEmbedding, FusedLoraConvNd) in `model`
+    becomes PEFT's Linear (Embedding, ConvNd) again, and its tuner PEFT's LoraModel.
 
     Returns `model`; a model with nothing swapped is returned unchanged.
     """

@@ -170,17 +170,18 @@ def test_model_with_only_embedding_lora_is_swapped_without_warning():
     assert accelerated_layers(model) == ["base_model.model.model.embed_tokens"]
 
 
-def test_model_with_only_conv_lora_warns_and_names_the_layer():
+def test_model_with_only_an_unfused_kind_warns_and_names_the_layer():
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.lin = torch.nn.Linear(8, 6)
 
         def forward(self, x):
-            return self.conv(x)
+            return self.lin(x)
 
-    model = peft.get_peft_model(Net(), peft.LoraConfig(target_modules=["conv"]))
-    with pytest.warns(UserWarning, match=r"nothing to swap.*a lora.Conv2d layer .*1 layer: base_model\.model\.conv\)"):
+    # LoRA on a raw parameter (target_parameters): a lora.ParamWrapper, a kind not fused here
+    model = peft.get_peft_model(Net(), peft.LoraConfig(target_modules=[], target_parameters=["lin.weight"]))
+    with pytest.warns(UserWarning, match=r"nothing to swap.*a lora.ParamWrapper layer .*1 layer: base_model\.model\.lin\)"):
         assert lora_ext.accelerate(model) is model
 
 

@@ -119,14 +119,15 @@ def test_model_with_nothing_to_swap_runs_as_peft():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
+            self.lin = nn.Linear(8, 6)
 
         def forward(self, x):
-            return self.conv(x)
+            return self.lin(x)
 
     torch.manual_seed(0)
-    model = peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["conv"], init_lora_weights=False))
-    x = torch.randn(2, 3, 6, 6)
+    model = peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=[], target_parameters=["lin.weight"],
+                                                       init_lora_weights=False))
+    x = torch.randn(5, 8)
     want = model(x)
     with pytest.warns(UserWarning, match="nothing to swap"):
         warnings.simplefilter("always")

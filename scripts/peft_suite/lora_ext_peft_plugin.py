@@ -31,7 +31,7 @@ import pytest
 MODES = ("stock", "ours", "accelerate")
 # lora_ext.ops entry points that do a layer's LoRA computation (dropout masks, NF4
 # (de)quantisation and segment helpers alone do not make a forward "fused")
-_COMPUTE_OPS = ("lora_linear", "dora_linear", "lora_embedding", "nf4_matmul", "lora_shrink",
+_COMPUTE_OPS = ("lora_linear", "dora_linear", "lora_embedding", "lora_conv", "nf4_matmul", "lora_shrink",
                 "lora_expand", "lora_shrink_sgmv", "lora_expand_sgmv")
 
 
@@ -212,8 +212,8 @@ def _count_lora_forwards() -> None:
                     _record(self, entry[1], args, acc)
         return forward
 
-    classes, todo = set(), [LoraLayer, acc.fused_lora_linear_class(), acc._FusedForward,
-                            acc.fused_lora_embedding_class(), acc._FusedEmbeddingForward]
+    classes, todo = set(), [LoraLayer, acc._FusedForward, acc._FusedEmbeddingForward, acc._FusedConvForward,
+                            *set(acc._swappable().values())]
     while todo:
         cls = todo.pop()
         if cls not in classes:
@@ -239,12 +239,18 @@ def _record(layer, fused: bool, args, acc) -> None:
     counts[1] += int(fused)
     if fused:
         return
-    if kind not in ("FusedLoraLinear", "FusedLoraEmbedding"):
+    if type(layer) not in set(acc._swappable().values()):
         reason = f"{kind} layer: not swapped by accelerate"
     else:
         reason = acc._static_reason(layer)
         if reason is None and kind == "FusedLoraEmbedding":
             reason = "a per-call condition (extra forward arguments, global hooks, index dtype, ...)"
+        elif reason is None and kind != "FusedLoraLinear":
+            drop = layer.lora_dropout.get(next(iter(layer.active_adapters), None)) if hasattr(layer.lora_dropout, "get") else None
+            if isinstance(drop, __import__("torch").nn.Dropout) and drop.training and drop.p > 0:
+                reason = "conv: dropout in training (the merged weight cannot drop the adapter's input)"
+            else:
+                reason = "a per-call condition (autocast, input dtype, extra forward arguments, global hooks, ...)"
         elif reason is None:
             x = args[0] if args else None
             found = acc._base_weight_and_bias(layer.base_layer)
