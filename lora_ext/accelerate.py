@@ -19,8 +19,8 @@ FusedLoraEmbedding runs ops.lora_embedding (one pass per token: the base row, th
 column of lora_embedding_A and their rank-r expansion) for one active plain LoRA adapter on
 an nn.Embedding; several active adapters, variants, max_norm, sparse or scale_grad_by_freq
 lookups, an embed_scale or tensor-parallel hooks run PEFT's forward. FusedLoraConv1d/2d/3d
-run one convolution with the merged weight (ops.lora_conv) for one active plain adapter on a
-plain convolution (groups 1, no dilation, zero padding) when no dropout is at work (p = 0 or
+run one convolution with the merged weight (ops.lora_conv, for DoRA ops.dora_conv) for one
+active adapter on a plain convolution (groups 1, no dilation, zero padding) when no dropout is at work (p = 0 or
 eval) and everything shares one dtype outside autocast; otherwise PEFT's three convolutions.
 
 Dropout: PEFT's nn.Dropout draws a fresh mask per call from torch's RNG; the fused layer
@@ -374,8 +374,18 @@ def _conv_static_reason(layer) -> str | None:
     if len(active) > 1:
         return "several active adapters on a Conv layer"
     for name in active:
-        if name in layer.lora_variant:
-            return f"adapter {name!r}: a LoRA variant ({type(layer.lora_variant[name]).__name__})"
+        variant = type(layer.lora_variant[name]).__name__ if name in layer.lora_variant else None
+        if variant is not None and variant != f"DoraConv{weight.dim() - 2}dVariant":
+            return f"adapter {name!r}: a LoRA variant ({variant})"
+        if variant is not None:  # DoRA: ops.dora_conv, with PEFT's magnitude vector
+            vectors = getattr(layer, "lora_magnitude_vector", {})
+            magnitude = getattr(vectors[name], "weight", None) if name in vectors else None
+            if magnitude is None or not _plain_tensor(magnitude) or magnitude.numel() != weight.shape[0]:
+                return f"adapter {name!r}: DoRA without a magnitude vector of {weight.shape[0]} elements"
+            if magnitude.dtype != weight.dtype or magnitude.device != weight.device:
+                return f"adapter {name!r}: a DoRA magnitude in {magnitude.dtype} over a {weight.dtype} base"
+            if _has_hooks(layer.lora_magnitude_vector[name]):
+                return f"adapter {name!r}: hooks on the adapter modules"
         if layer.lora_bias.get(name, False):
             return f"adapter {name!r}: lora_bias=True"
         lora_A, lora_B, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
@@ -398,7 +408,7 @@ def _conv_static_reason(layer) -> str | None:
 
 class _FusedConvForward:
     """The forward of FusedLoraConv1d/2d/3d: PEFT's lora.ConvNd running lora_ext.ops.lora_conv
-    (one convolution with the merged weight). Never constructed: `accelerate` switches the
+    (one convolution with the merged weight), or ops.dora_conv for a DoRA adapter. Never constructed: `accelerate` switches the
     class of existing PEFT layers."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -407,8 +417,11 @@ class _FusedConvForward:
             return self._peft_class.forward(self, x, *args, **kwargs)
         from .layers.conv import merged_conv_padding
         base = self.base_layer
-        return ops.lora_conv(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                             float(self.scaling[name]), base.stride, merged_conv_padding(base))
+        args = (x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight)
+        if name in self.lora_variant:  # DoRA (the only variant _conv_static_reason lets through)
+            return ops.dora_conv(*args, self.lora_magnitude_vector[name].weight, float(self.scaling[name]),
+                                 base.stride, merged_conv_padding(base))
+        return ops.lora_conv(*args, float(self.scaling[name]), base.stride, merged_conv_padding(base))
 
     def _fused_adapter(self, x, args, kwargs) -> str | None:
         """The one active adapter when this call can be fused, else None (PEFT's forward)."""

@@ -56,14 +56,13 @@ def forward_backward(model, x):
 
 @pytest.fixture
 def conv_calls(monkeypatch):
-    """Counts calls of ops.lora_conv, to prove which path a forward took."""
+    """Counts calls of ops.lora_conv and ops.dora_conv, to prove which path a forward took."""
     calls = []
-    original = ops.lora_conv
-
-    def spy(*args, **kwargs):
-        calls.append(args)
-        return original(*args, **kwargs)
-    monkeypatch.setattr(ops, "lora_conv", spy)
+    for name in ("lora_conv", "dora_conv"):
+        def spy(*args, _original=getattr(ops, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(ops, name, spy)
     return calls
 
 
@@ -77,6 +76,12 @@ CASES = {
     "conv2d rslora": dict(use_rslora=True),
     "conv2d dropout in eval": dict(lora_dropout=0.3, eval=True),
     "bf16 with bf16 adapters": dict(dtype=torch.bfloat16, autocast_adapter_dtype=False),
+    "conv1d DoRA": dict(dims=1, use_dora=True),
+    "conv2d DoRA": dict(use_dora=True),
+    "conv3d DoRA, eval": dict(dims=3, use_dora=True, eval=True),
+    "conv2d DoRA, dropout in eval, stride 2": dict(use_dora=True, lora_dropout=0.2, eval=True,
+                                                  conv_kwargs={"stride": 2, "padding": 0}),
+    "conv2d DoRA, trained base weight": dict(use_dora=True, train_base=True),
 }
 
 
@@ -131,8 +136,8 @@ def _build(name):
         model = peft_net(adapters=("a", "b"))
         model.base_model.set_adapter(["a", "b"])
         return model
-    if name == "DoRA":
-        return peft_net(use_dora=True)
+    if name == "DoRA in fp32 over bf16":
+        return peft_net(dtype=torch.bfloat16, use_dora=True)
     if name == "fp32 adapters over bf16":
         return peft_net(dtype=torch.bfloat16)
     raise ValueError(name)
@@ -144,7 +149,7 @@ FALLBACKS = {
     "padding_mode": "padding_mode='reflect' (lora_A pads with zeros)",
     "same": "padding='same'",
     "two adapters": "several active adapters on a Conv layer",
-    "DoRA": "adapter 'default': a LoRA variant (DoraConv2dVariant)",
+    "DoRA in fp32 over bf16": "adapter 'default': a DoRA magnitude in torch.float32 over a torch.bfloat16 base",
     "fp32 adapters over bf16": "adapter 'default': adapter in torch.float32 on cpu, base layer in torch.bfloat16 "
                                "on cpu (fused: one dtype)",
 }

@@ -189,3 +189,40 @@ def test_bad_input_raises_clear_error(change, error, pattern):
     change(t)
     with pytest.raises(error, match=pattern):
         ops.lora_conv(**t)
+
+
+# ================================================================ dora_conv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("magnitude_shape", ["peft", "flat"])
+def test_dora_conv_matches_reference(dtype, dims, magnitude_shape):
+    t = make(dims, dtype=dtype, grads=("x", "lora_A", "lora_B"))
+    gen = torch.Generator().manual_seed(9)
+    shape = (1, 7, *(1,) * dims) if magnitude_shape == "peft" else (7,)
+    t["magnitude"] = (torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
+
+    def run(fn, tensors, grad):
+        y = fn(tensors["x"], tensors["weight"], tensors["bias"], tensors["lora_A"], tensors["lora_B"],
+               tensors["magnitude"], 0.9, 1, 1)
+        names = [n for n, v in tensors.items() if v.requires_grad]
+        return y, dict(zip(names, torch.autograd.grad(y, [tensors[n] for n in names], grad)))
+    y0 = reference.dora_conv(*(v.detach() for v in t.values()), 0.9, 1, 1)
+    grad = random_like(y0.shape, dtype, "cpu", seed=3)
+
+    def cast(fn=None):
+        return {n: (v.detach().double() if fn is None else fn(v.detach().double())).requires_grad_(v.requires_grad)
+                for n, v in t.items()}
+    y, grads = run(ops.dora_conv, t, grad)
+    y_t, grads_t = run(reference.dora_conv, t, grad)
+    y_o, grads_o = run(reference.dora_conv, cast(), grad.double())
+    assert_within_torch_error(y, y_t, y_o, what="y")
+    for name in grads:
+        assert_within_torch_error(grads[name], grads_t[name], grads_o[name], what=f"grad of {name}")
+
+
+def test_dora_conv_bad_magnitude():
+    t = {n: v.detach() for n, v in make(2).items()}
+    with pytest.raises(ValueError, match="magnitude must be a torch.float32 tensor of 7 elements"):
+        ops.dora_conv(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], torch.ones(6), 1.0, 1, 1)

@@ -102,11 +102,11 @@ def lora_conv(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
     x [N, in, *spatial] (or unbatched), all tensors of one dtype.
 
     Backward keeps x and the merged weight. grad_x is one transposed convolution with the
-    merged weight. With weight frozen, grad_A and grad_B take the low-rank route: z =
-    conv(x, A) is recomputed (r channels), grad_B = s·Σ g·zᵀ, grad_A is A's weight gradient
-    for grad_z = s·Bᵀ·g; the full weight gradient of the merged weight is never formed, so a
-    training step costs what PEFT's three convolutions cost. When weight trains too its
-    gradient is formed anyway, and grad_A = s·Bᵀ·grad_W, grad_B = s·grad_W·Aᵀ follow from it.
+    merged weight. grad_A and grad_B take the low-rank route: z = conv(x, A) is recomputed
+    (r channels), grad_B = s·Σ g·zᵀ, grad_A is A's weight gradient for grad_z = s·Bᵀ·g; the
+    full weight gradient of the merged weight is formed only when weight itself trains, so a
+    training step costs what PEFT's three convolutions cost, and the adapters' gradients are
+    summed as PEFT sums them (not through grad_W, which would reassociate the sums).
     """
     _check_factors("lora_conv", weight, lora_A, lora_B, scaling)
     dims = weight.dim() - 2
@@ -155,11 +155,7 @@ class _MergedConv(torch.autograd.Function):
         grad_a = grad_b = None
         out, r = merged.shape[0], lora_A.shape[0]
         B2 = lora_B.reshape(out, r)
-        if need_w:  # the full weight gradient exists: the adapters' follow by two small GEMMs
-            g2 = grad_w.reshape(out, -1)
-            grad_a = (B2.T @ g2 * scaling).reshape(lora_A.shape) if need_a else None
-            grad_b = (g2 @ lora_A.reshape(r, -1).T * scaling).reshape(lora_B.shape) if need_b else None
-        elif need_a or need_b:
+        if need_a or need_b:
             g = grad_y.movedim(1, -1).reshape(-1, out)  # [N·spatial, out]
             if need_b:
                 z = _CONV[merged.dim()](x, lora_A, None, stride, padding).movedim(1, -1).reshape(-1, r)
@@ -172,3 +168,33 @@ class _MergedConv(torch.autograd.Function):
         grad_bias = grad_y.sum([0, *range(2, grad_y.dim())]) if need_bias else None
         return (grad_x if need_x else None, grad_w if need_w else None, grad_bias, grad_a, grad_b,
                 None, None, None)
+
+
+def dora_conv(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+              scaling: float, stride=1, padding=0) -> Tensor:
+    """DoRA on a convolution (PEFT's use_dora=True on Conv1d/2d/3d, no dropout at work).
+
+    Semantics (reference.dora_conv)::
+
+        merged = lora_conv_weight(weight, lora_A, lora_B, scaling)
+        g = magnitude.reshape(out) / ‖merged[o]‖  (per output channel, detached, as PEFT)
+        y = g[o] * conv(x, merged) + bias
+
+    which is PEFT's base(x) + (g - 1)·conv(x, W) + g·s·lora(x) as one convolution: lora_conv
+    with no bias, scaled per channel. magnitude [1, out, 1...] or [out] (PEFT keeps
+    [1, out, 1, ...]), of weight's dtype. Backward as lora_conv's (low-rank for A and B),
+    plus the magnitude's gradient.
+    """
+    if not isinstance(magnitude, Tensor) or magnitude.numel() != weight.shape[0] or magnitude.dtype != weight.dtype \
+            or magnitude.device != weight.device:
+        raise ValueError(f"dora_conv: magnitude must be a {weight.dtype} tensor of {weight.shape[0]} elements on "
+                         f"{weight.device}, got {magnitude.dtype if isinstance(magnitude, Tensor) else type(magnitude)} "
+                         f"{tuple(magnitude.shape) if isinstance(magnitude, Tensor) else ''}")
+    with torch.no_grad():
+        merged = lora_conv_weight(weight, lora_A, lora_B, scaling)
+        norm = torch.linalg.vector_norm(merged.reshape(merged.shape[0], -1), dim=1)
+    y = lora_conv(x, weight, None, lora_A, lora_B, scaling, stride, padding)
+    channel = (-1,) + (1,) * (weight.dim() - 2)
+    g = (magnitude.reshape(-1) / norm).reshape(channel)
+    y = g * y
+    return y if bias is None else y + bias.reshape(channel)

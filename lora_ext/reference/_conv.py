@@ -20,3 +20,16 @@ def lora_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     conv = _CONV[weight.dim()]
     z = conv(x, lora_A, None, stride, padding)
     return conv(x, weight, bias, stride, padding) + conv(z, lora_B) * scaling
+
+
+def dora_conv(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, stride, padding) -> torch.Tensor:
+    """PEFT's DoRA conv: base(x) + (g - 1)·conv(x, W) + g·s·conv_1x1(conv(x, A), B), g = magnitude
+    / ‖W + s·B·A‖ per output channel (the norm detached)."""
+    conv = _CONV[weight.dim()]
+    r, out = lora_A.shape[0], weight.shape[0]
+    merged = weight + scaling * (lora_B.reshape(out, r) @ lora_A.reshape(r, -1)).reshape(weight.shape).detach()
+    channel = (-1,) + (1,) * (weight.dim() - 2)
+    g = (magnitude.reshape(-1) / torch.linalg.vector_norm(merged.reshape(out, -1), dim=1).detach()).reshape(channel)
+    base = conv(x, weight, None, stride, padding)
+    y = base + (g - 1) * base + g * conv(conv(x, lora_A, None, stride, padding), lora_B) * scaling
+    return y if bias is None else y + bias.reshape(channel)

@@ -31,7 +31,7 @@ import pytest
 MODES = ("stock", "ours", "accelerate")
 # lora_ext.ops entry points that do a layer's LoRA computation (dropout masks, NF4
 # (de)quantisation and segment helpers alone do not make a forward "fused")
-_COMPUTE_OPS = ("lora_linear", "dora_linear", "lora_embedding", "lora_conv", "nf4_matmul", "lora_shrink",
+_COMPUTE_OPS = ("lora_linear", "dora_linear", "lora_embedding", "lora_conv", "dora_conv", "nf4_matmul", "lora_shrink",
                 "lora_expand", "lora_shrink_sgmv", "lora_expand_sgmv")
 
 
