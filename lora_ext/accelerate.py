@@ -408,8 +408,8 @@ def _conv_static_reason(layer) -> str | None:
 
 class _FusedConvForward:
     """The forward of FusedLoraConv1d/2d/3d: PEFT's lora.ConvNd running lora_ext.ops.lora_conv
-    (one convolution with the merged weight), or ops.dora_conv for a DoRA adapter. Never constructed: `accelerate` switches the
-    class of existing PEFT layers."""
+    (one convolution with the merged weight), or ops.dora_conv for a DoRA adapter. Never
+    constructed: `accelerate` switches the class of existing PEFT layers."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._fused_adapter(x, args, kwargs)
@@ -552,7 +552,8 @@ def _swap_layers(model: nn.Module, stacklevel: int, report: bool) -> None:
     if not plain and not fused:
         warnings.warn("lora_ext.accelerate: nothing to swap: the model has no peft.tuners.lora.layer.Linear, "
                       "Embedding or ConvNd layer (lora_ext fuses LoRA on nn.Linear, transformers Conv1D, "
-                      "nn.Embedding and nn.Conv1d/2d/3d layers of a model wrapped by peft.get_peft_model)" + (f"; {_describe(slow)}" if slow else ""),
+                      "nn.Embedding and nn.Conv1d/2d/3d layers of a model wrapped by peft.get_peft_model)"
+                      + (f"; {_describe(slow)}" if slow else ""),
                       stacklevel=stacklevel)
     elif slow:
         warnings.warn(f"lora_ext.accelerate: {len(slow)} of {total} LoRA layers will run PEFT's own forward: "

@@ -104,7 +104,8 @@ def _build_peft(case: Case, inp: ConvInputs) -> Runner:
     import peft
     from peft.tuners.lora.layer import Conv2d as PeftConv2d
     k = _extra(case)["k"]
-    conv = nn.Conv2d(case.in_features, case.out_features, k, padding=k // 2, device=inp.x.device, dtype=case.torch_dtype)
+    conv = nn.Conv2d(case.in_features, case.out_features, k, padding=k // 2, device=inp.x.device,
+                     dtype=case.torch_dtype)
     config = peft.LoraConfig(r=case.r, lora_alpha=2 * case.r, target_modules=["conv"])
     model = peft.get_peft_model(_OneConv(conv), config, autocast_adapter_dtype=False)
     model.train(inp.train)

@@ -120,7 +120,8 @@ class Embedding(nn.Module, LoraLayer):
         if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32) \
                 or x.device != base.weight.device or A.device != base.weight.device:
             return None
-        if A.dtype != self.lora_embedding_B[active[0]].dtype or not ops.lora_embedding_dtypes_ok(base.weight.dtype, A.dtype):
+        if A.dtype != self.lora_embedding_B[active[0]].dtype \
+                or not ops.lora_embedding_dtypes_ok(base.weight.dtype, A.dtype):
             return None
         return active[0]
 

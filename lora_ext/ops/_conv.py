@@ -187,9 +187,10 @@ def dora_conv(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
     """
     if not isinstance(magnitude, Tensor) or magnitude.numel() != weight.shape[0] or magnitude.dtype != weight.dtype \
             or magnitude.device != weight.device:
+        got = (f"{magnitude.dtype} {tuple(magnitude.shape)} on {magnitude.device}" if isinstance(magnitude, Tensor)
+               else type(magnitude).__name__)
         raise ValueError(f"dora_conv: magnitude must be a {weight.dtype} tensor of {weight.shape[0]} elements on "
-                         f"{weight.device}, got {magnitude.dtype if isinstance(magnitude, Tensor) else type(magnitude)} "
-                         f"{tuple(magnitude.shape) if isinstance(magnitude, Tensor) else ''}")
+                         f"{weight.device}, got {got}")
     with torch.no_grad():
         merged = lora_conv_weight(weight, lora_A, lora_B, scaling)
         norm = torch.linalg.vector_norm(merged.reshape(merged.shape[0], -1), dim=1)

@@ -233,6 +233,7 @@ def _runs_lora(layer) -> bool:
 
 
 def _record(layer, fused: bool, args, acc) -> None:
+    from torch import nn
     kind = type(layer).__name__
     counts = S.forwards[kind]
     counts[0] += 1
@@ -245,9 +246,9 @@ def _record(layer, fused: bool, args, acc) -> None:
         reason = acc._static_reason(layer)
         if reason is None and kind == "FusedLoraEmbedding":
             reason = "a per-call condition (extra forward arguments, global hooks, index dtype, ...)"
-        elif reason is None and kind != "FusedLoraLinear":
-            drop = layer.lora_dropout.get(next(iter(layer.active_adapters), None)) if hasattr(layer.lora_dropout, "get") else None
-            if isinstance(drop, __import__("torch").nn.Dropout) and drop.training and drop.p > 0:
+        elif reason is None and kind != "FusedLoraLinear":  # a conv
+            drops = [layer.lora_dropout[n] for n in layer.active_adapters if n in layer.lora_dropout]
+            if any(isinstance(d, nn.Dropout) and d.training and d.p > 0 for d in drops):
                 reason = "conv: dropout in training (the merged weight cannot drop the adapter's input)"
             else:
                 reason = "a per-call condition (autocast, input dtype, extra forward arguments, global hooks, ...)"

@@ -25,8 +25,10 @@ using namespace emu_test;
 static int failures = 0;
 
 // forward: table [V, ldw] (rows of `out` used), A [r, V] stored with strides (sa0, sa1).
+// identity: no index array, row t reads row t (the merged conv weight W + s·B·A), rows = V.
 template <typename TW, typename TA>
-static void test_forward(int64_t rows, int64_t V, int64_t out, int64_t r, bool strided) {
+static void test_forward(int64_t rows, int64_t V, int64_t out, int64_t r, bool strided, bool identity = false) {
+  if (identity) rows = V;
   using Acc = AccOf<TW>;
   const int64_t ldw = strided ? out + 3 : out;
   const int64_t sa0 = strided ? 1 : V, sa1 = strided ? r : 1;  // strided: A stored transposed
@@ -36,13 +38,17 @@ static void test_forward(int64_t rows, int64_t V, int64_t out, int64_t r, bool s
   std::vector<int64_t> idx(rows);
   Rng rng(rows + 7);
   for (int64_t t = 0; t < rows; ++t) idx[t] = static_cast<int64_t>(rng.next() % V);
-  if (rows > 2) idx[1] = idx[0];  // a repeated token
-  if (rows > 3) idx[2] = V;       // out of range: a zero row
-  if (rows > 4) idx[3] = -5;
+  if (identity) {
+    for (int64_t t = 0; t < rows; ++t) idx[t] = t;
+  } else {
+    if (rows > 2) idx[1] = idx[0];  // a repeated token
+    if (rows > 3) idx[2] = V;       // out of range: a zero row
+    if (rows > 4) idx[3] = -5;
+  }
   const double s = 0.75;
   std::vector<TW> y(rows * out, Storage<TW>::to(99.0));
   const cudaError_t err = cuda::launch_embedding_lora_forward(
-      dtype_of<TW>(), dtype_of<TA>(), idx.data(), W.data(), ldw, A.data(), sa0, sa1, bt.data(), s,
+      dtype_of<TW>(), dtype_of<TA>(), identity ? nullptr : idx.data(), W.data(), ldw, A.data(), sa0, sa1, bt.data(), s,
       y.data(), rows, V, out, r, nullptr);
   CHECK(err == cudaSuccess, "forward launch: %s", cudaGetErrorString(err));
   ToleranceRule rule;
@@ -131,6 +137,7 @@ static void test_pair() {
       for (int64_t out : {1, 255, 257}) test_forward<TW, TA>(rows, 23, out, r, rows == 5);
     }
   }
+  for (int64_t V : {1, 7, 40}) test_forward<TW, TA>(0, V, 45, 3, V == 7, /*identity=*/true);
   for (int64_t count : {1, 9, 64}) {
     for (int64_t cols : {1, 16, 300}) {
       test_segment_sums<TA, TA>(count, 10, cols, true);
