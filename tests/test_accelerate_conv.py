@@ -191,9 +191,10 @@ def test_merge_disable_and_restore(conv_calls):
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_own_conv_layer_runs_the_op_and_matches_peft(dims, train, conv_calls):
-    theirs = peft_net(dims)
-    config = peft.LoraConfig(target_modules=["conv"], r=2, lora_alpha=4).to_dict()
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_own_conv_layer_runs_the_op_and_matches_peft(dims, train, use_dora, conv_calls):
+    theirs = peft_net(dims, use_dora=use_dora)
+    config = peft.LoraConfig(target_modules=["conv"], r=2, lora_alpha=4, use_dora=use_dora).to_dict()
     torch.manual_seed(0)
     ours = lora_ext.get_peft_model(Net(dims), lora_ext.LoraConfig.from_dict(config))
     ours.load_state_dict(theirs.state_dict())
@@ -201,7 +202,7 @@ def test_own_conv_layer_runs_the_op_and_matches_peft(dims, train, conv_calls):
     oracle = copy.deepcopy(theirs).double()
     x = inputs(dims)
     y, grads = forward_backward(ours, x)
-    assert len(conv_calls) == 1
+    assert conv_calls == ["dora_conv" if use_dora else "lora_conv"]
     y_t, grads_t = forward_backward(theirs, x)
     y_o, grads_o = forward_backward(oracle, x.double())
     assert_within_torch_error(y, y_t, y_o, what="output")

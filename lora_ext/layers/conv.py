@@ -2,9 +2,9 @@
 padding; B a 1x1(x1) conv. As PEFT's _ConvNd, one class for the three, told apart by the
 base weight's dimension.
 
-One active plain adapter without dropout (or in eval) runs as a single convolution with the
-merged weight W + s·reshape(B·A) (ops.lora_conv): exact, and cheaper than three
-convolutions (`lora-ext bench --family conv`). merged_conv_reason says when a base conv
+One active adapter without dropout (or in eval) runs as a single convolution with the
+merged weight W + s·reshape(B·A) (ops.lora_conv; DoRA: ops.dora_conv): exact, and cheaper
+than PEFT's three convolutions (`lora-ext bench --family conv`). merged_conv_reason says when a base conv
 allows it; lora_ext.accelerate applies the same rule to PEFT's conv layers.
 """
 from __future__ import annotations
@@ -141,8 +141,11 @@ class _ConvNd(nn.Module, LoraLayer):
         fused = self._fusable_adapter(x) if adapter_names is None and not self.merged and not (args or kwargs) else None
         if fused is not None:
             base = self.base_layer
-            return ops.lora_conv(x, base.weight, base.bias, self.lora_A[fused].weight, self.lora_B[fused].weight,
-                                 self.scaling[fused], base.stride, merged_conv_padding(base))
+            args = (x, base.weight, base.bias, self.lora_A[fused].weight, self.lora_B[fused].weight)
+            if self.use_dora.get(fused, False):
+                return ops.dora_conv(*args, self.lora_magnitude_vector[fused].weight, self.scaling[fused],
+                                     base.stride, merged_conv_padding(base))
+            return ops.lora_conv(*args, self.scaling[fused], base.stride, merged_conv_padding(base))
         result = self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             self._check_adapter_names(x, adapter_names)
@@ -163,16 +166,18 @@ class _ConvNd(nn.Module, LoraLayer):
         return result.to(result_dtype)
 
     def _fusable_adapter(self, x) -> str | None:
-        """The one active adapter when ops.lora_conv can stand in for the forward, else None:
-        a plain adapter, no dropout at work, one dtype throughout, outside autocast."""
+        """The one active adapter when ops.lora_conv / ops.dora_conv can stand in for the forward,
+        else None: no dropout at work, one dtype throughout, outside autocast."""
         active = [name for name in self.active_adapters if name in self.lora_A]
-        if len(active) != 1 or self.use_dora.get(active[0], False) or merged_conv_reason(self.base_layer):
+        if len(active) != 1 or merged_conv_reason(self.base_layer):
             return None
         drop = self.lora_dropout[active[0]]
         if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
             return None  # the merged weight has no dropout on the adapter's input
         weight = self.base_layer.weight
-        tensors = (x, weight, self.lora_A[active[0]].weight, self.lora_B[active[0]].weight)
+        tensors = [x, weight, self.lora_A[active[0]].weight, self.lora_B[active[0]].weight]
+        if self.use_dora.get(active[0], False):
+            tensors.append(self.lora_magnitude_vector[active[0]].weight)
         if not isinstance(x, torch.Tensor) or autocast_active(x) or x.dim() not in (weight.dim() - 1, weight.dim()):
             return None
         if any(t.dtype != weight.dtype or t.device != weight.device for t in tensors):
