@@ -102,11 +102,12 @@ def lora_conv(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
     x [N, in, *spatial] (or unbatched), all tensors of one dtype.
 
     Backward keeps x and the merged weight. grad_x is one transposed convolution with the
-    merged weight. grad_A and grad_B take the low-rank route: z = conv(x, A) is recomputed
-    (r channels), grad_B = s·Σ g·zᵀ, grad_A is A's weight gradient for grad_z = s·Bᵀ·g; the
-    full weight gradient of the merged weight is formed only when weight itself trains, so a
-    training step costs what PEFT's three convolutions cost, and the adapters' gradients are
-    summed as PEFT sums them (not through grad_W, which would reassociate the sums).
+    merged weight. grad_A and grad_B take the low-rank route, with PEFT's own kernels: z =
+    conv(x, A) is recomputed (r channels), grad_B and grad_z are the 1x1 convolution B's
+    gradients for grad_y·s, grad_A is A's weight gradient for grad_z. The full weight
+    gradient of the merged weight is formed only when weight itself trains, so a training step
+    costs what PEFT's three convolutions cost, and the adapters' gradients are summed as PEFT
+    sums them (not through grad_W, which would reassociate the sums).
     """
     _check_factors("lora_conv", weight, lora_A, lora_B, scaling)
     dims = weight.dim() - 2
@@ -153,15 +154,13 @@ class _MergedConv(torch.autograd.Function):
 
         grad_x, grad_w, _ = conv_backward(grad_y, x, merged, [need_x, need_w, False])
         grad_a = grad_b = None
-        out, r = merged.shape[0], lora_A.shape[0]
-        B2 = lora_B.reshape(out, r)
         if need_a or need_b:
-            g = grad_y.movedim(1, -1).reshape(-1, out)  # [N·spatial, out]
-            if need_b:
-                z = _CONV[merged.dim()](x, lora_A, None, stride, padding).movedim(1, -1).reshape(-1, r)
-                grad_b = (g.T @ z * scaling).reshape(lora_B.shape)
+            # PEFT's adapter backward, kernel for kernel: the 1x1 convolution B sees grad_y·s and
+            # z = conv(x, A) (recomputed: r channels); A's weight gradient comes from grad_z.
+            z = _CONV[merged.dim()](x, lora_A, None, stride, padding)
+            grad_z, grad_b, _ = torch.ops.aten.convolution_backward(
+                grad_y * scaling, z, lora_B, None, ones, zeros, ones, False, zeros, 1, [need_a, need_b, False])
             if need_a:
-                grad_z = (g @ B2 * scaling).reshape(*grad_y.movedim(1, -1).shape[:-1], r).movedim(-1, 1)
                 grad_a = conv_backward(grad_z, x, lora_A, [False, True, False])[1]
         if grad_x is not None and unbatched:
             grad_x = grad_x.squeeze(0)
