@@ -83,6 +83,19 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def("nf4_quantize_absmax(Tensor absmax, Tensor code, int blocksize) -> (Tensor, Tensor, Tensor)");
   m.def("nf4_dequantize_absmax(Tensor codes, Tensor absmax2, Tensor offset, Tensor code, "
         "int blocksize) -> Tensor");
+  // Embedding LoRA (PEFT's lora.Embedding): y[..., :] = weight[indices] + scaling *
+  // lora_A[:, indices]ᵀ @ lora_B.T, in weight's dtype (adapters: weight's dtype or fp32).
+  // padding_idx (-1: none) changes only the backward, as in aten::embedding.
+  m.def("lora_embedding_forward(Tensor indices, Tensor weight, Tensor lora_A, Tensor lora_B, "
+        "float scaling, int padding_idx) -> Tensor");
+  // Gradients for weight [V, dim] (grad_y's dtype), lora_A, lora_B (empty where output_mask is
+  // false); tokens equal to padding_idx (-1: none) give the table rows no gradient.
+  m.def(
+      "lora_embedding_backward(Tensor grad_y, Tensor indices, Tensor lora_A, Tensor lora_B, "
+      "float scaling, int padding_idx, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // LoRA on a convolution (groups 1): weight + scaling * reshape(lora_B [out, r, 1...] @
+  // lora_A [r, in, k...]), in weight's dtype: the one weight a merged convolution needs.
+  m.def("lora_conv_weight(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling) -> Tensor");
   // BGMV / SGMV: many adapters in one batch (row t uses adapter idx[t]; -1 = none).
   //   z[t] = x[t] @ lora_A[idx[t]].T                        (0 where idx[t] = -1)
   //   out[t] = y[t] + scale[idx[t]] * z[t] @ lora_B[idx[t]].T  (y[t] where idx[t] = -1)

@@ -127,7 +127,7 @@ def test_swaps_every_lora_linear_in_place_without_copies(kind, caplog):
         assert lora_ext.accelerate(model) is model
     swapped = accelerated_layers(model)
     assert len(swapped) == n_lora_layers(kind)
-    assert f"swapped {n_lora_layers(kind)} LoRA Linear layer(s)" in caplog.text
+    assert f"swapped {n_lora_layers(kind)} LoRA layer(s)" in caplog.text
     after = dict(model.named_modules())
     assert after.keys() == modules.keys()
     assert all(after[k] is modules[k] for k in modules)  # the same objects, class switched
@@ -149,7 +149,7 @@ def test_accelerate_twice_is_a_no_op(caplog):
     classes = {n: type(m) for n, m in model.named_modules()}
     with caplog.at_level(logging.INFO, logger="lora_ext.accelerate"):
         lora_ext.accelerate(model)
-    assert "swapped 0 LoRA Linear layer(s) (14 already swapped)" in caplog.text
+    assert "swapped 0 LoRA layer(s) (14 already swapped)" in caplog.text
     assert {n: type(m) for n, m in model.named_modules()} == classes
 
 
@@ -161,11 +161,27 @@ def test_model_without_lora_linear_warns_and_is_returned_unchanged():
     assert [type(m) for m in model.modules()] == classes
 
 
-def test_model_with_only_embedding_lora_warns_and_names_the_layer():
+def test_model_with_only_embedding_lora_is_swapped_without_warning():
     torch.manual_seed(0)
     model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(target_modules=["embed_tokens"]))
-    with pytest.warns(UserWarning, match=r"nothing to swap.*a lora.Embedding layer .*1 layer: "
-                                         r"base_model\.model\.model\.embed_tokens\)"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lora_ext.accelerate(model) is model
+    assert accelerated_layers(model) == ["base_model.model.model.embed_tokens"]
+
+
+def test_model_with_only_an_unfused_kind_warns_and_names_the_layer():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 6)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    # LoRA on a raw parameter (target_parameters): a lora.ParamWrapper, a kind not fused here
+    model = peft.get_peft_model(Net(), peft.LoraConfig(target_modules=[], target_parameters=["lin.weight"]))
+    with pytest.warns(UserWarning, match=r"nothing to swap.*a lora.ParamWrapper layer .*1 layer: base_model\.model\.lin\)"):
         assert lora_ext.accelerate(model) is model
 
 

@@ -1,6 +1,12 @@
 """LoRA on nn.Conv1d/Conv2d/Conv3d: A is a conv of the base's kind with its kernel, stride and
 padding; B a 1x1(x1) conv. As PEFT's _ConvNd, one class for the three, told apart by the
-base weight's dimension."""
+base weight's dimension.
+
+One active adapter without dropout (or in eval) runs as a single convolution with the
+merged weight W + s·reshape(B·A) (ops.lora_conv; DoRA: ops.dora_conv): exact, and cheaper
+than PEFT's three convolutions (`lora-ext bench --family conv`). merged_conv_reason says when a base conv
+allows it; lora_ext.accelerate applies the same rule to PEFT's conv layers.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -10,10 +16,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dora
+from .. import ops
+from ..ops._common import autocast_active
 from .base import LoraLayer
 
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def merged_conv_reason(base: nn.Module) -> str | None:
+    """Why LoRA on the conv `base` cannot run as one convolution with the merged weight
+    (ops.lora_conv), or None when it can. The adapter's lora_A has the base's kernel, stride
+    and padding but no dilation, groups or padding mode of its own (as in PEFT), so only a
+    plain convolution merges into the exact same function."""
+    if type(base) not in _CONV_MODULES:
+        return f"base layer {type(base).__name__} (fused: nn.Conv1d, nn.Conv2d, nn.Conv3d)"
+    if base.groups != 1:
+        return "a grouped convolution (groups > 1: no merged weight B·A)"
+    if any(d != 1 for d in base.dilation):
+        return "a dilated convolution (lora_A convolves undilated)"
+    if base.padding_mode != "zeros":
+        return f"padding_mode={base.padding_mode!r} (lora_A pads with zeros)"
+    if isinstance(base.padding, str) and base.padding != "valid":
+        return f"padding={base.padding!r}"
+    return None
+
+
+def merged_conv_padding(base: nn.Module) -> tuple[int, ...]:
+    """The base conv's padding as ints (for a base merged_conv_reason accepts)."""
+    return (0,) * len(base.kernel_size) if base.padding == "valid" else tuple(base.padding)
 
 
 class _ConvNd(nn.Module, LoraLayer):
@@ -108,6 +140,14 @@ class _ConvNd(nn.Module, LoraLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        fused = self._fusable_adapter(x) if adapter_names is None and not self.merged and not (args or kwargs) else None
+        if fused is not None:
+            base = self.base_layer
+            args = (x, base.weight, base.bias, self.lora_A[fused].weight, self.lora_B[fused].weight)
+            if self.use_dora.get(fused, False):
+                return ops.dora_conv(*args, self.lora_magnitude_vector[fused].weight, self.scaling[fused],
+                                     base.stride, merged_conv_padding(base))
+            return ops.lora_conv(*args, self.scaling[fused], base.stride, merged_conv_padding(base))
         result = self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             self._check_adapter_names(x, adapter_names)
@@ -126,6 +166,25 @@ class _ConvNd(nn.Module, LoraLayer):
                 else:
                     result = result + self._adapter_output(x, name)
         return result.to(result_dtype)
+
+    def _fusable_adapter(self, x) -> str | None:
+        """The one active adapter when ops.lora_conv / ops.dora_conv can stand in for the forward,
+        else None: no dropout at work, one dtype throughout, outside autocast."""
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if len(active) != 1 or merged_conv_reason(self.base_layer):
+            return None
+        drop = self.lora_dropout[active[0]]
+        if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
+            return None  # the merged weight has no dropout on the adapter's input
+        weight = self.base_layer.weight
+        tensors = [x, weight, self.lora_A[active[0]].weight, self.lora_B[active[0]].weight]
+        if self.use_dora.get(active[0], False):
+            tensors.append(self.lora_magnitude_vector[active[0]].weight)
+        if not isinstance(x, torch.Tensor) or autocast_active(x) or x.dim() not in (weight.dim() - 1, weight.dim()):
+            return None
+        if any(t.dtype != weight.dtype or t.device != weight.device for t in tensors):
+            return None
+        return active[0]
 
     def _adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]

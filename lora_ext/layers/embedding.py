@@ -1,7 +1,10 @@
 """LoRA on nn.Embedding: lookups into lora_embedding_A [r, num_embeddings], then B [dim, r].
 
 As in PEFT, the adapter path applies no dropout (its dropout module exists only for
-configuration parity) and A starts at zero with B Gaussian.
+configuration parity) and A starts at zero with B Gaussian. One active plain adapter on an
+nn.Embedding runs ops.lora_embedding (the base row and the adapter term in one pass per
+token); DoRA, several active adapters, max_norm / sparse / scale_grad_by_freq lookups and
+scaled embeddings (embed_scale) take the composed path below.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dora
-from .. import serving
+from .. import ops, serving
 from .base import LoraLayer
 
 
@@ -90,9 +93,14 @@ class Embedding(nn.Module, LoraLayer):
             self._check_adapter_names(x, adapter_names)
             result = self.base_layer(x, *args, **kwargs)
             return serving.mixed_batch_embedding(self, x, result, adapter_names)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        fused = self._fusable_adapter(x) if not (args or kwargs) else None
+        if fused is not None:
+            base = self.base_layer
+            return ops.lora_embedding(x, base.weight, self.lora_embedding_A[fused], self.lora_embedding_B[fused],
+                                      self.scaling[fused], base.padding_idx)
+        result = self.base_layer(x, *args, **kwargs)
         # fp32 adapters (autocast_adapter_dtype) over a half base: the output keeps the
         # base's dtype, as PEFT's, so the next half-precision layer can take it
         base_dtype = result.dtype
@@ -103,6 +111,23 @@ class Embedding(nn.Module, LoraLayer):
                 else:
                     result = result + self._adapter_output(x, name)
         return result.to(base_dtype)
+
+    def _fusable_adapter(self, x: torch.Tensor) -> str | None:
+        """The one active adapter when ops.lora_embedding can stand in for the forward, else None."""
+        active = [name for name in self.active_adapters if name in self.lora_embedding_A]
+        base = self.base_layer
+        if len(active) != 1 or self.use_dora.get(active[0], False) or type(base) is not nn.Embedding:
+            return None
+        if base.max_norm is not None or base.sparse or base.scale_grad_by_freq or hasattr(base, "embed_scale"):
+            return None
+        A = self.lora_embedding_A[active[0]]
+        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32) \
+                or x.device != base.weight.device or A.device != base.weight.device:
+            return None
+        if A.dtype != self.lora_embedding_B[active[0]].dtype \
+                or not ops.lora_embedding_dtypes_ok(base.weight.dtype, A.dtype):
+            return None
+        return active[0]
 
     def __repr__(self) -> str:
         return "lora_ext." + super().__repr__()

@@ -10,8 +10,8 @@ LORA_EXT_SUITE_MODE (or --lora-ext-mode):
 - accelerate: plain PEFT, then lora_ext.accelerate(model) on every model that
               get_peft_model / PeftModel.from_pretrained return. Forwards of PEFT LoRA
               layers are counted, and how many of them ran a lora_ext op (the fused path).
-              LORA_EXT_SUITE_SKIP_EMPTY=1 skips accelerate on models without a LoRA
-              Linear layer (where main's accelerate raises), to measure everything else.
+              LORA_EXT_SUITE_SKIP_EMPTY=1 skips accelerate on models without a LoRA layer
+              it swaps (where older accelerates raised), to measure everything else.
 
 Only the tests whose `config_cls` parameter is peft.LoraConfig are kept. At the end a summary
 (outcome counts, each test's outcome and first error line, for accelerate the fused share) is
@@ -31,8 +31,8 @@ import pytest
 MODES = ("stock", "ours", "accelerate")
 # lora_ext.ops entry points that do a layer's LoRA computation (dropout masks, NF4
 # (de)quantisation and segment helpers alone do not make a forward "fused")
-_COMPUTE_OPS = ("lora_linear", "dora_linear", "nf4_matmul", "lora_shrink", "lora_expand",
-                "lora_shrink_sgmv", "lora_expand_sgmv")
+_COMPUTE_OPS = ("lora_linear", "dora_linear", "lora_embedding", "lora_conv", "dora_conv", "nf4_matmul", "lora_shrink",
+                "lora_expand", "lora_shrink_sgmv", "lora_expand_sgmv")
 
 
 def pytest_addoption(parser):
@@ -144,9 +144,9 @@ def _accelerated(model):
 
     import lora_ext
     if os.environ.get("LORA_EXT_SUITE_SKIP_EMPTY") == "1":
-        # Measure the rest: leave models without any LoRA Linear alone instead of letting
-        # accelerate raise on them (the default run counts that as the failure it is).
-        plain, fused = importlib.import_module("lora_ext.accelerate")._lora_linears(model)
+        # Measure the rest: leave models without any swappable LoRA layer alone instead of
+        # letting accelerate warn about them.
+        plain, fused = importlib.import_module("lora_ext.accelerate")._lora_layers(model)
         if not plain and not fused:
             S.accelerate_skipped += 1
             return model
@@ -200,7 +200,7 @@ def _count_lora_forwards() -> None:
     def wrap_forward(fn):
         @functools.wraps(fn)
         def forward(self, *args, **kwargs):
-            if any(entry[0] is self for entry in _stack):  # FusedLoraLinear falling back to PEFT's forward
+            if any(entry[0] is self for entry in _stack):  # a fused layer falling back to PEFT's forward
                 return fn(self, *args, **kwargs)
             entry = [self, False]
             _stack.append(entry)
@@ -212,7 +212,8 @@ def _count_lora_forwards() -> None:
                     _record(self, entry[1], args, acc)
         return forward
 
-    classes, todo = set(), [LoraLayer, acc.fused_lora_linear_class(), acc._FusedForward]
+    classes, todo = set(), [LoraLayer, acc._FusedForward, acc._FusedEmbeddingForward, acc._FusedConvForward,
+                            *set(acc._swappable().values())]
     while todo:
         cls = todo.pop()
         if cls not in classes:
@@ -232,17 +233,26 @@ def _runs_lora(layer) -> bool:
 
 
 def _record(layer, fused: bool, args, acc) -> None:
+    from torch import nn
     kind = type(layer).__name__
     counts = S.forwards[kind]
     counts[0] += 1
     counts[1] += int(fused)
     if fused:
         return
-    if kind != "FusedLoraLinear":
+    if type(layer) not in set(acc._swappable().values()):
         reason = f"{kind} layer: not swapped by accelerate"
     else:
         reason = acc._static_reason(layer)
-        if reason is None:
+        if reason is None and kind == "FusedLoraEmbedding":
+            reason = "a per-call condition (extra forward arguments, global hooks, index dtype, ...)"
+        elif reason is None and kind != "FusedLoraLinear":  # a conv
+            drops = [layer.lora_dropout[n] for n in layer.active_adapters if n in layer.lora_dropout]
+            if any(isinstance(d, nn.Dropout) and d.training and d.p > 0 for d in drops):
+                reason = "conv: dropout in training (the merged weight cannot drop the adapter's input)"
+            else:
+                reason = "a per-call condition (autocast, input dtype, extra forward arguments, global hooks, ...)"
+        elif reason is None:
             x = args[0] if args else None
             found = acc._base_weight_and_bias(layer.base_layer)
             if x is not None and found is not None and getattr(x, "dtype", None) != found[0].dtype:
