@@ -176,6 +176,8 @@ class _ConvNd(nn.Module, LoraLayer):
         drop = self.lora_dropout[active[0]]
         if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
             return None  # the merged weight has no dropout on the adapter's input
+        if self.lora_B[active[0]].bias is not None:
+            return None  # lora_bias: the ops take no bias of the adapter's own
         weight = self.base_layer.weight
         tensors = [x, weight, self.lora_A[active[0]].weight, self.lora_B[active[0]].weight]
         if self.use_dora.get(active[0], False):
