@@ -9,6 +9,7 @@ from ._common import autocast_active as _autocast_active
 from ._common import autocast_eligible as _autocast_eligible
 from ._common import check_dropout as _check_dropout
 from ._common import check_int as _check_int
+from ._common import check_seed as _check_seed
 from ._common import register_autocast_rule as _register_autocast_rule
 
 _ops = torch.ops.lora_ext
@@ -64,8 +65,8 @@ def _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling) -> bool:
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                scaling: float, dropout_p: float = 0.0, seed: int = 0, training: bool = True,
-                offset: int = 0) -> Tensor:
+                scaling: float, dropout_p: float = 0.0, seed: int | Tensor = 0,
+                training: bool = True, offset: int = 0) -> Tensor:
     """Fused LoRA linear layer.
 
     Semantics (reference.lora_linear)::
@@ -78,6 +79,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     lora_B [out, r]. Backward keeps only x and z = drop(x) @ lora_A.T (r columns) and
     regenerates the mask from (seed, offset).
 
+    seed: an int, or a one-element int64 tensor (what layers pass: torch.compile traces a
+    seed drawn as a tensor, e.g. torch.randint, without a graph break).
+
     Dtypes: x, weight and bias share one dtype, lora_A and lora_B one dtype. Adapters of
     another dtype (PEFT's fp32 adapters over a half base) get PEFT's arithmetic: the base
     product in x's dtype, the adapter branch in the adapters' dtype, the sum rounded once to
@@ -88,7 +92,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     p = _check_dropout(dropout_p)  # checked in eval too: a bad config fails at once
     if not training:
         p = 0.0
-    args = (x, weight, bias, lora_A, lora_B, float(scaling), p, _check_int("seed", seed),
+    args = (x, weight, bias, lora_A, lora_B, float(scaling), p, _check_seed(seed),
             _check_int("offset", offset))
     y, _ = _MixedLoraLinear.apply(*args) if mixed else _ops.lora_linear_forward(*args)
     return y
@@ -183,7 +187,7 @@ _register_autocast_rule("lora_linear_forward", (0, 1, 2, 3, 4))
 # ---------------------------------------------------------------- adapters of another dtype
 
 
-def _dropped(x2d: Tensor, dropout_p: float, seed: int, offset: int) -> Tensor:
+def _dropped(x2d: Tensor, dropout_p: float, seed: Tensor, offset: int) -> Tensor:
     """drop(x2d) with the kernel's Philox mask, in x2d's dtype."""
     if dropout_p == 0.0:
         return x2d
@@ -252,14 +256,15 @@ class _MixedLoraLinear(torch.autograd.Function):
 # ---------------------------------------------------------------- dropout mask
 
 
-def dropout_mask(like: Tensor, dropout_p: float, seed: int, offset: int = 0) -> Tensor:
+def dropout_mask(like: Tensor, dropout_p: float, seed: int | Tensor, offset: int = 0) -> Tensor:
     """The keep mask lora_linear uses, as a bool tensor of like's shape and device.
 
     Semantics: reference.dropout_mask (Philox-4x32-10 of (seed, offset, element index)).
+    seed: an int or a one-element int64 tensor, as for lora_linear.
     """
     if not isinstance(like, Tensor):
         raise TypeError(f"dropout_mask: like must be a Tensor, got {type(like).__name__}")
-    return _ops.dropout_mask(like, _check_dropout(dropout_p), _check_int("seed", seed),
+    return _ops.dropout_mask(like, _check_dropout(dropout_p), _check_seed(seed),
                              _check_int("offset", offset))
 
 

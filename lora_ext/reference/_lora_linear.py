@@ -46,8 +46,9 @@ def dropout_mask(like: torch.Tensor, dropout_p: float, seed: int, offset: int = 
 
     Element i uses lane i % 4 of Philox-4x32-10 at counter (lo(i//4), hi(i//4), lo(offset),
     hi(offset)) with key (lo(seed), hi(seed)); it is kept when that word >= floor(p * 2^32).
+    seed is an int or a one-element integer tensor, as the ops take it.
     """
-    seed &= (1 << 64) - 1
+    seed = int(seed) & ((1 << 64) - 1)
     offset &= (1 << 64) - 1
     index = torch.arange(like.numel(), device=like.device, dtype=torch.int64)
     group = index >> 2
