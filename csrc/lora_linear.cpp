@@ -205,8 +205,17 @@ Tensor dropout_mask(const Tensor& like, double dropout_p, const Tensor& seed_ten
   return mask;
 }
 
+Tensor fresh_dropout_seed(c10::Device device) {
+  return at::randint(0, int64_t{1} << 62, {}, at::TensorOptions().dtype(at::kLong).device(device));
+}
+
 }  // namespace
 }  // namespace lora_ext
+
+// No tensor inputs: one kernel for every device.
+TORCH_LIBRARY_IMPL(lora_ext, CompositeExplicitAutograd, m) {
+  m.impl("dropout_seed", &lora_ext::fresh_dropout_seed);
+}
 
 TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("lora_linear_forward", &lora_ext::lora_linear_forward);

@@ -52,6 +52,12 @@ TORCH_LIBRARY(lora_ext, m) {
       " -> (Tensor, Tensor, Tensor)");
   // The keep mask (bool, shape and device of `like`) that the two ops above use.
   m.def("dropout_mask(Tensor like, float dropout_p, Tensor seed, int offset) -> Tensor");
+  // A fresh seed for them: 0-d int64 on `device`, uniform in [0, 2^62), from that device's
+  // default generator (the layers draw on the CPU: the ops read seeds on the host). An op tagged
+  // as random (torch.compile never merges or drops it; a checkpointed recompute replays it under
+  // the saved RNG state) rather than torch.randint, which inductor would move onto its own RNG
+  // stream: compiled or not, the same torch seed gives the same masks.
+  m.def("dropout_seed(Device device) -> Tensor", {at::Tag::nondeterministic_seeded});
   // DoRA. ‖W + s·B·A‖ per row of weight [out, in] without forming W + s·B·A; fp32 (fp64 for
   // fp64 inputs).
   m.def("dora_weight_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling) -> Tensor");

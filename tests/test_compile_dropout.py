@@ -1,11 +1,11 @@
 """torch.compile of LoRA models with dropout: one graph, no recompiles, eager mode's masks.
 
-The fused layers draw each Philox seed as a 0-d int64 tensor (torch.randint on the default
-CPU generator) and the ops take it as a tensor, so dynamo traces the draw into the graph
-instead of breaking it for an `.item()`. Compiled with aot_eager (or inductor with
-fallback_random) the draw runs on torch's generator as in eager mode, so the same torch
-seed gives the same masks; torch.utils.checkpoint restores that generator before
-recomputing, so checkpointed runs regenerate them.
+The fused layers draw each Philox seed as a 0-d int64 tensor (ops.dropout_seed, an op on
+torch's default CPU generator) and the ops take it as a tensor, so dynamo traces the draw
+into the graph instead of breaking it for an `.item()`. Compiled with any backend the draw
+runs on that generator as in eager mode, so the same torch seed gives the same masks;
+torch.utils.checkpoint restores the generator before recomputing, so checkpointed runs
+regenerate them.
 
 Models: a 2-layer tiny Llama, LoRA on all linear layers (14 per model), lora_dropout=0.05,
 through our layers (lora_ext.get_peft_model), through lora_ext.accelerate on a PEFT model,
@@ -65,8 +65,7 @@ def lora_model(kind: str, dropout: float = 0.05):
 
 
 def lora_ext_op_counts(graphs) -> collections.Counter:
-    """lora_ext ops and torch.randint calls in dynamo's graphs, subgraphs (autograd.Function
-    bodies) included."""
+    """lora_ext ops in dynamo's graphs, subgraphs (autograd.Function bodies) included."""
     counts = collections.Counter()
     for graph in graphs:
         for module in graph.modules():
@@ -77,8 +76,7 @@ def lora_ext_op_counts(graphs) -> collections.Counter:
                     namespace, _, name = str(node.target).partition(".")  # lora_ext.<op>[.default]
                     if namespace == "lora_ext":
                         counts[name.split(".")[0]] += 1
-                    elif node.target is torch.randint:
-                        counts["randint"] += 1
+
     return counts
 
 
@@ -119,7 +117,7 @@ def test_forward_with_dropout_is_one_graph_through_the_fused_ops(kind):
     counts = lora_ext_op_counts(explained.graphs)
     # every layer runs our op and draws its seed inside the graph, one per layer and call
     assert counts[FUSED_OP[kind]] == LORA_LAYERS, counts
-    assert counts["randint"] == LORA_LAYERS, counts
+    assert counts["dropout_seed"] == LORA_LAYERS, counts
     if kind == "qlora":  # in the adapter term's autograd.Function (forward and backward bodies)
         assert counts["dropout_mask"] >= LORA_LAYERS, counts
 
@@ -261,15 +259,13 @@ def _draws(fn, x, torch_seed: int, calls: int = 3) -> list[torch.Tensor]:
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_layer_draws_the_eager_masks(backend):
     """Same torch seed, same masks: the layer's outputs under compile equal eager mode's, call
-    after call. Inductor draws from its own RNG stream unless fallback_random is set (as for
-    torch's own dropout), hence the flag."""
+    after call, with inductor too (which would move a torch.randint onto its own RNG stream)."""
     layer = _masked_layer()
     x = torch.randn(8, 32)
     eager = _draws(layer, x, 4)
     torch._dynamo.reset()
     counter = CompileCounterWithBackend(backend)
-    with torch._inductor.config.patch(fallback_random=True):
-        compiled = _draws(torch.compile(layer, backend=counter, fullgraph=True), x, 4)
+    compiled = _draws(torch.compile(layer, backend=counter, fullgraph=True), x, 4)
     assert counter.frame_count == 1
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -296,15 +292,16 @@ def test_compiled_mask_is_the_reference_mask_of_the_drawn_seed():
 # ---------------------------------------------------------------- the public seed argument
 
 
-def test_fresh_dropout_seed_is_a_cpu_int64_scalar_whatever_the_default_device():
+def test_dropout_seed_is_its_reference_on_the_cpu_whatever_the_default_device():
     with torch.device("meta"):
         seed = fresh_dropout_seed()
     assert seed.device.type == "cpu" and seed.dtype == torch.int64 and seed.dim() == 0
     torch.manual_seed(6)
-    first = fresh_dropout_seed()
+    drawn = [ops.dropout_seed() for _ in range(3)]
     torch.manual_seed(6)
-    assert torch.equal(fresh_dropout_seed(), first)
-    assert 0 <= int(first) < 2**62
+    assert drawn == [reference.dropout_seed() for _ in range(3)]
+    assert len(set(int(s) for s in drawn)) == 3 and all(0 <= int(s) < 2**62 for s in drawn)
+    torch.library.opcheck(torch.ops.lora_ext.dropout_seed.default, (torch.device("cpu"),))
 
 
 def _lora_args():

@@ -20,22 +20,15 @@ from . import dora
 from .base import LoraLayer
 
 
-# Seeds are drawn below 2^62 so they are plain non-negative int64 values.
-_SEED_BOUND = 1 << 62
-
-
 def fresh_dropout_seed() -> torch.Tensor:
-    """A Philox seed for the dropout ops, drawn from torch's default CPU generator.
+    """A Philox seed for the dropout ops (ops.dropout_seed), drawn from torch's CPU generator.
 
     Drawing from torch's RNG makes torch.manual_seed reproduce the masks, and lets
     torch.utils.checkpoint (which restores the RNG state before recomputing) regenerate
-    the very same mask. The CPU generator serves inputs on any device without a host sync.
-    The seed stays a 0-d int64 tensor: torch.compile traces the draw into its graph (an int
-    would need .item(), a graph break per layer). Compiled with aot_eager, or with inductor
-    and torch._inductor.config.fallback_random, the seeds and masks are eager mode's; plain
-    inductor draws from its own RNG stream, as it does for torch's own dropout.
+    the very same mask. It stays a tensor: torch.compile traces the draw, where an int
+    would need .item(), a graph break per layer.
     """
-    return torch.randint(0, _SEED_BOUND, (), dtype=torch.int64, device="cpu")
+    return ops.dropout_seed()
 
 
 def dropout_p(module: nn.Module) -> float:

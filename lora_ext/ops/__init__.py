@@ -6,11 +6,11 @@ function of the same name in lora_ext.reference.
 """
 from ._dora import dora_linear, dora_weight_norm
 from ._bgmv import lora_expand, lora_expand_sgmv, lora_shrink, lora_shrink_sgmv, segments_from_idx
-from ._lora_linear import dropout_mask, lora_linear
+from ._lora_linear import dropout_mask, dropout_seed, lora_linear
 from ._nf4 import (DYNAMIC_CODE, NF4_CODE, dequantize_absmax, nf4_dequantize, nf4_matmul,
                    nf4_quantize, quantize_absmax)
 
-__all__ = ["dequantize_absmax", "dora_linear", "dora_weight_norm", "dropout_mask", "DYNAMIC_CODE",
-           "lora_expand", "lora_expand_sgmv", "lora_linear", "lora_shrink", "lora_shrink_sgmv",
-           "NF4_CODE", "nf4_dequantize", "nf4_matmul", "nf4_quantize", "quantize_absmax",
-           "segments_from_idx"]
+__all__ = ["dequantize_absmax", "dora_linear", "dora_weight_norm", "dropout_mask", "dropout_seed",
+           "DYNAMIC_CODE", "lora_expand", "lora_expand_sgmv", "lora_linear", "lora_shrink",
+           "lora_shrink_sgmv", "NF4_CODE", "nf4_dequantize", "nf4_matmul", "nf4_quantize",
+           "quantize_absmax", "segments_from_idx"]

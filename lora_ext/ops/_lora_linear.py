@@ -271,3 +271,24 @@ def dropout_mask(like: Tensor, dropout_p: float, seed: int | Tensor, offset: int
 @torch.library.register_fake("lora_ext::dropout_mask")
 def _dropout_mask_fake(like, dropout_p, seed, offset):
     return like.new_empty(like.shape, dtype=torch.bool)
+
+
+def dropout_seed(device: torch.device | str = "cpu") -> Tensor:
+    """A fresh dropout seed: a 0-d int64 tensor from the default generator of `device`.
+
+    Semantics (reference.dropout_seed)::
+
+        torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+
+    The layers draw on the CPU: the ops read seeds on the host, so a CPU seed serves inputs
+    on any device without a sync. torch.manual_seed reproduces it and torch.utils.checkpoint
+    (which restores the generator before recomputing) redraws it. Under torch.compile it is
+    one op in the graph, no graph break, drawn from the same generator with every backend
+    (inductor included), so compiled code draws eager mode's seeds and masks.
+    """
+    return _ops.dropout_seed(torch.device(device))
+
+
+@torch.library.register_fake("lora_ext::dropout_seed")
+def _dropout_seed_fake(device):
+    return torch.empty((), dtype=torch.int64, device=device)

@@ -60,6 +60,11 @@ def dropout_mask(like: torch.Tensor, dropout_p: float, seed: int, offset: int = 
     return (word >= dropout_threshold(dropout_p)).reshape(like.shape)
 
 
+def dropout_seed(device="cpu") -> torch.Tensor:
+    """A fresh seed from the default generator of `device`, uniform in [0, 2^62)."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+
+
 def lora_dropout(x: torch.Tensor, dropout_p: float, seed: int, offset: int = 0) -> torch.Tensor:
     """drop(x) = x * mask / (1 - p), with the Philox mask above."""
     if dropout_p == 0.0:
