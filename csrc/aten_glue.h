@@ -26,8 +26,8 @@ inline cuda::DType cuda_dtype(at::ScalarType type) {
 #endif
 
 // The Philox seed the dropout ops take: a one-element int64 tensor, so that torch.compile keeps
-// the draw (torch.randint) in its graph where an int argument would need .item() in Python,
-// a graph break. Read here on the host: seeds are drawn on the CPU, so this is no device sync.
+// the draw (the dropout_seed op) in its graph where an int argument would need .item() in
+// Python, a graph break. Read here on the host: layers draw seeds on the CPU, so no device sync.
 // Only validated, not read, without dropout.
 inline int64_t dropout_seed(const at::Tensor& seed, double dropout_p) {
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,

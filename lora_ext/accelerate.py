@@ -21,9 +21,9 @@ device: no host sync, and it is the generator torch.manual_seed seeds and
 torch.utils.checkpoint saves and restores), so runs are reproducible and a checkpointed
 recomputation regenerates the identical mask. The masks differ from PEFT's (another
 generator) but have the same distribution: each element kept with probability 1 - p,
-scaled by 1 / (1 - p), independently per adapter and per call. The seed is drawn as a
-tensor (layers.linear.fresh_dropout_seed), so torch.compile traces a fused layer with
-dropout without a graph break.
+scaled by 1 / (1 - p), independently per adapter and per call. The seed is a tensor
+(ops.dropout_seed), so torch.compile traces a fused layer with dropout without a graph
+break and, with any backend, draws eager mode's masks.
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from . import ops
-from .layers.linear import fresh_dropout_seed
 from .ops._common import SUPPORTED_DTYPES, autocast_active, autocast_eligible
 
 logger = logging.getLogger(__name__)
@@ -177,7 +176,7 @@ class _FusedForward:
             return _require_peft()[0].forward(self, x, *args, **kwargs)
         weight, bias = _base_weight_and_bias(self.base_layer)
         (A, B, s, p, training), *others = adapters
-        seed = fresh_dropout_seed() if training and p > 0.0 else 0
+        seed = ops.dropout_seed() if training and p > 0.0 else 0
         name = next(n for n in self.active_adapters if n in self.lora_A)
         if self.use_dora.get(name, False):
             # PEFT's DoRA: magnitude over the detached norm of W + s·B·A, formed in the wider
@@ -196,7 +195,7 @@ class _FusedForward:
             # PEFT, x joins the adapter's dtype and the sum returns to the result's.
             xd = x.to(A.dtype)
             if training and p > 0.0:
-                keep = ops.dropout_mask(xd, p, fresh_dropout_seed())
+                keep = ops.dropout_mask(xd, p, ops.dropout_seed())
                 xd = xd * keep.to(xd.dtype) / (1.0 - p)
             y = y + (xd @ A.t()) @ B.t() * s
         return y.to(result_dtype)

@@ -21,7 +21,7 @@ def check_int(name: str, value) -> int:
 def check_seed(seed) -> torch.Tensor:
     """A dropout seed as the ops take it: a one-element int64 CPU tensor.
 
-    A tensor rather than an int so that torch.compile keeps a per-call draw (torch.randint)
+    A tensor rather than an int so that torch.compile keeps a per-call draw (dropout_seed)
     inside its graph; an int would have to be read out with .item(), a graph break. Python
     ints are wrapped (the same 64-bit range as check_int); a seed on another device is copied
     to the host, where the kernels read it.

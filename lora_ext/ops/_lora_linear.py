@@ -80,7 +80,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     regenerates the mask from (seed, offset).
 
     seed: an int, or a one-element int64 tensor (what layers pass: torch.compile traces a
-    seed drawn as a tensor, e.g. torch.randint, without a graph break).
+    seed drawn as a tensor, ops.dropout_seed, without a graph break).
 
     Dtypes: x, weight and bias share one dtype, lora_A and lora_B one dtype. Adapters of
     another dtype (PEFT's fp32 adapters over a half base) get PEFT's arithmetic: the base

@@ -13,6 +13,6 @@ from ._nf4 import (DYNAMIC_CODE, NF4_CODE, dequantize_absmax, nf4_dequantize, nf
 
 __all__ = ["dequantize_absmax", "dora_linear", "dora_magnitude_scale", "dora_weight_norm",
            "dropout_mask", "dropout_seed", "dropout_threshold", "DYNAMIC_CODE", "lora_dropout",
-           "lora_expand", "lora_expand_sgmv", "lora_linear", "lora_shrink", "lora_shrink_sgmv", "NF4_CODE",
-           "nf4_dequantize", "nf4_matmul", "nf4_quantize", "philox4x32_10", "quantize_absmax",
-           "segments_to_idx"]
+           "lora_expand", "lora_expand_sgmv", "lora_linear", "lora_shrink", "lora_shrink_sgmv",
+           "NF4_CODE", "nf4_dequantize", "nf4_matmul", "nf4_quantize", "philox4x32_10",
+           "quantize_absmax", "segments_to_idx"]
