@@ -25,6 +25,17 @@ inline cuda::DType cuda_dtype(at::ScalarType type) {
 }
 #endif
 
+// The Philox seed the dropout ops take: a one-element int64 tensor, so that torch.compile keeps
+// the draw (the dropout_seed op) in its graph where an int argument would need .item() in
+// Python, a graph break. Read here on the host: layers draw seeds on the CPU, so no device sync.
+// Only validated, not read, without dropout.
+inline int64_t dropout_seed(const at::Tensor& seed, double dropout_p) {
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "lora_ext: seed must be a one-element int64 tensor, got ", seed.scalar_type(),
+              " with ", seed.numel(), " elements");
+  return dropout_p > 0.0 ? seed.item<int64_t>() : 0;
+}
+
 // One Philox pass over contiguous [rows, in] tensors of one dtype (undefined = unused):
 //   dropped = mask * scale * x,   grad *= mask * scale (in place).
 void dropout_apply(const at::Tensor& x, const at::Tensor& dropped, const at::Tensor& grad,

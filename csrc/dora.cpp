@@ -117,8 +117,9 @@ Tensor magnitude_scale(const Tensor& magnitude, const Tensor& weight_norm, at::S
 std::tuple<Tensor, Tensor, Tensor> dora_linear_forward(
     const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& lora_A,
     const Tensor& lora_B, const Tensor& magnitude, const Tensor& weight_norm, double scaling,
-    double dropout_p, int64_t seed, int64_t offset) {
+    double dropout_p, const Tensor& seed_tensor, int64_t offset) {
   check_linear(x, weight, lora_A, lora_B, magnitude, weight_norm, dropout_p);
+  const int64_t seed = dropout_seed(seed_tensor, dropout_p);
   // The op runs in the dtypes it is given (autocast casts at its boundary, see ops/): the
   // GEMMs inside must not be cast again, here or in the CPU kernels' worker threads.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -170,9 +171,10 @@ std::tuple<Tensor, Tensor, Tensor> dora_linear_forward(
 std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
     const Tensor& grad_y, const Tensor& x, const Tensor& z, const Tensor& hm, const Tensor& weight,
     const Tensor& lora_A, const Tensor& lora_B, const Tensor& magnitude, const Tensor& weight_norm,
-    double scaling, double dropout_p, int64_t seed, int64_t offset,
+    double scaling, double dropout_p, const Tensor& seed_tensor, int64_t offset,
     std::array<bool, 4> output_mask) {
   check_linear(x, weight, lora_A, lora_B, magnitude, weight_norm, dropout_p);
+  const int64_t seed = dropout_seed(seed_tensor, dropout_p);
   // The op runs in the dtypes it is given (autocast casts at its boundary, see ops/): the
   // GEMMs inside must not be cast again, here or in the CPU kernels' worker threads.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);

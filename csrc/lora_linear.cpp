@@ -111,9 +111,10 @@ void check_inputs(const Tensor& x, const Tensor& weight, const Tensor& lora_A,
 std::tuple<Tensor, Tensor> lora_linear_forward(const Tensor& x, const Tensor& weight,
                                                const std::optional<Tensor>& bias,
                                                const Tensor& lora_A, const Tensor& lora_B,
-                                               double scaling, double dropout_p, int64_t seed,
-                                               int64_t offset) {
+                                               double scaling, double dropout_p,
+                                               const Tensor& seed_tensor, int64_t offset) {
   check_inputs(x, weight, lora_A, lora_B, dropout_p);
+  const int64_t seed = dropout_seed(seed_tensor, dropout_p);
   // The op runs in the dtypes it is given (autocast casts at its boundary, see ops/): the
   // GEMMs inside must not be cast again, here or in the CPU kernels' worker threads.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -141,9 +142,10 @@ std::tuple<Tensor, Tensor> lora_linear_forward(const Tensor& x, const Tensor& we
 
 std::tuple<Tensor, Tensor, Tensor> lora_linear_backward(
     const Tensor& grad_y, const Tensor& x, const Tensor& z, const Tensor& weight,
-    const Tensor& lora_A, const Tensor& lora_B, double scaling, double dropout_p, int64_t seed,
-    int64_t offset, std::array<bool, 3> output_mask) {
+    const Tensor& lora_A, const Tensor& lora_B, double scaling, double dropout_p,
+    const Tensor& seed_tensor, int64_t offset, std::array<bool, 3> output_mask) {
   check_inputs(x, weight, lora_A, lora_B, dropout_p);
+  const int64_t seed = dropout_seed(seed_tensor, dropout_p);
   // The op runs in the dtypes it is given (autocast casts at its boundary, see ops/): the
   // GEMMs inside must not be cast again, here or in the CPU kernels' worker threads.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -182,8 +184,10 @@ std::tuple<Tensor, Tensor, Tensor> lora_linear_backward(
   return {grad_x, grad_A, grad_B};
 }
 
-Tensor dropout_mask(const Tensor& like, double dropout_p, int64_t seed, int64_t offset) {
+Tensor dropout_mask(const Tensor& like, double dropout_p, const Tensor& seed_tensor,
+                    int64_t offset) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_mask: dropout_p must be in [0, 1)");
+  const int64_t seed = dropout_seed(seed_tensor, dropout_p);
   const auto params = core::make_dropout_params(dropout_p, seed, offset);
   Tensor mask = at::empty(like.sizes(), like.options().dtype(at::kBool));
   if (like.is_cuda()) {
@@ -198,8 +202,17 @@ Tensor dropout_mask(const Tensor& like, double dropout_p, int64_t seed, int64_t 
   return mask;
 }
 
+Tensor fresh_dropout_seed(c10::Device device) {
+  return at::randint(0, int64_t{1} << 62, {}, at::TensorOptions().dtype(at::kLong).device(device));
+}
+
 }  // namespace
 }  // namespace lora_ext
+
+// No tensor inputs: one kernel for every device.
+TORCH_LIBRARY_IMPL(lora_ext, CompositeExplicitAutograd, m) {
+  m.impl("dropout_seed", &lora_ext::fresh_dropout_seed);
+}
 
 TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("lora_linear_forward", &lora_ext::lora_linear_forward);

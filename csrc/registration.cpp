@@ -37,19 +37,27 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(lora_ext, m) {
+  // Dropout ops take their Philox seed as a one-element int64 tensor (read on the host), so
+  // that torch.compile traces the per-call draw instead of breaking the graph for an int.
   // y = x @ weight.T + bias + scaling * (drop(x) @ lora_A.T) @ lora_B.T ; also returns
   // z = drop(x) @ lora_A.T as [prod(x.shape[:-1]), r], the only activation backward needs.
   m.def(
       "lora_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, "
-      "Tensor lora_B, float scaling, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
+      "Tensor lora_B, float scaling, float dropout_p, Tensor seed, int offset) -> (Tensor, Tensor)");
   // Gradients for x, lora_A, lora_B (an empty tensor where output_mask is false);
   // the dropout mask is regenerated from (seed, offset).
   m.def(
       "lora_linear_backward(Tensor grad_y, Tensor x, Tensor z, Tensor weight, Tensor lora_A, "
-      "Tensor lora_B, float scaling, float dropout_p, int seed, int offset, bool[3] output_mask)"
+      "Tensor lora_B, float scaling, float dropout_p, Tensor seed, int offset, bool[3] output_mask)"
       " -> (Tensor, Tensor, Tensor)");
   // The keep mask (bool, shape and device of `like`) that the two ops above use.
-  m.def("dropout_mask(Tensor like, float dropout_p, int seed, int offset) -> Tensor");
+  m.def("dropout_mask(Tensor like, float dropout_p, Tensor seed, int offset) -> Tensor");
+  // A fresh seed for them: 0-d int64 on `device`, uniform in [0, 2^62), from that device's
+  // default generator (the layers draw on the CPU: the ops read seeds on the host). An op tagged
+  // as random (torch.compile never merges or drops it; a checkpointed recompute replays it under
+  // the saved RNG state) rather than torch.randint, which inductor would move onto its own RNG
+  // stream: compiled or not, the same torch seed gives the same masks.
+  m.def("dropout_seed(Device device) -> Tensor", {at::Tag::nondeterministic_seeded});
   // DoRA. ‖W + s·B·A‖ per row of weight [out, in] without forming W + s·B·A; fp32 (fp64 for
   // fp64 inputs).
   m.def("dora_weight_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scaling) -> Tensor");
@@ -57,13 +65,13 @@ TORCH_LIBRARY(lora_ext, m) {
   // DoRA); also returns z = drop(x)·Aᵀ and hm (the [rows, out] term g multiplies) for backward.
   m.def(
       "dora_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-      "Tensor magnitude, Tensor weight_norm, float scaling, float dropout_p, int seed, int offset)"
+      "Tensor magnitude, Tensor weight_norm, float scaling, float dropout_p, Tensor seed, int offset)"
       " -> (Tensor, Tensor, Tensor)");
   // Gradients for x, lora_A, lora_B, magnitude (empty where output_mask is false).
   m.def(
       "dora_linear_backward(Tensor grad_y, Tensor x, Tensor z, Tensor hm, Tensor weight, "
       "Tensor lora_A, Tensor lora_B, Tensor magnitude, Tensor weight_norm, float scaling, "
-      "float dropout_p, int seed, int offset, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float dropout_p, Tensor seed, int offset, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // NF4, bitsandbytes' layout: x flattened row-major -> (packed uint8 [ceil(n/2), 1], element
   // 2k in the high nibble; absmax fp32 [ceil(n/blocksize)]).

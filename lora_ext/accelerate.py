@@ -30,7 +30,9 @@ device: no host sync, and it is the generator torch.manual_seed seeds and
 torch.utils.checkpoint saves and restores), so runs are reproducible and a checkpointed
 recomputation regenerates the identical mask. The masks differ from PEFT's (another
 generator) but have the same distribution: each element kept with probability 1 - p,
-scaled by 1 / (1 - p), independently per adapter and per call.
+scaled by 1 / (1 - p), independently per adapter and per call. The seed is a tensor
+(ops.dropout_seed), so torch.compile traces a fused layer with dropout without a graph
+break and, with any backend, draws eager mode's masks.
 """
 from __future__ import annotations
 
@@ -68,17 +70,6 @@ def _require_peft() -> tuple[type, type | None]:
             conv1d = None
         _peft_classes = (peft_linear, conv1d)
     return _peft_classes
-
-
-# Seeds are drawn below 2^62 so they are plain non-negative int64 values.
-_SEED_BOUND = 1 << 62
-
-
-# Kept out of compiled graphs: traced, torch.randint would run on inductor's own RNG and
-# give other seeds than eager mode; this way a compiled model draws the very same masks.
-@torch.compiler.disable
-def _fresh_seed() -> int:
-    return int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64))
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -201,7 +192,7 @@ class _FusedForward:
             return _require_peft()[0].forward(self, x, *args, **kwargs)
         weight, bias = _base_weight_and_bias(self.base_layer)
         (A, B, b, s, p, training), *others = adapters
-        seed = _fresh_seed() if training and p > 0.0 else 0
+        seed = ops.dropout_seed() if training and p > 0.0 else 0
         name = next(n for n in self.active_adapters if n in self.lora_A)
         if self.use_dora.get(name, False):
             # PEFT's DoRA: magnitude over the detached norm of W + s·B·A, formed in the wider
@@ -220,7 +211,7 @@ class _FusedForward:
             # PEFT, x joins the adapter's dtype and the sum returns to the result's.
             xd = x.to(A.dtype)
             if training and p > 0.0:
-                keep = ops.dropout_mask(xd, p, _fresh_seed())
+                keep = ops.dropout_mask(xd, p, ops.dropout_seed())
                 xd = xd * keep.to(xd.dtype) / (1.0 - p)
             branch = (xd @ A.t()) @ B.t()
             y = y + (branch if b is None else branch + b) * s

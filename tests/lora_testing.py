@@ -255,5 +255,6 @@ class DispatchCounter(TorchDispatchMode):
         if func.namespace == "lora_ext":
             name = func.overloadpacket.__name__
             self.counts[name] += 1
-            self.dtypes[name].add(args[0].dtype)
+            if args and isinstance(args[0], Tensor):  # dropout_seed takes a device
+                self.dtypes[name].add(args[0].dtype)
         return func(*args, **(kwargs or {}))

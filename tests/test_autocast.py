@@ -141,8 +141,8 @@ def test_direct_op_calls_follow_autocast(dtype):
     norm = ops.dora_weight_norm(t["weight"].detach(), t["lora_A"].detach(), t["lora_B"].detach(), 1.5)
     packed, absmax = ops.nf4_quantize(t["weight"].detach())
     with torch.autocast("cpu", dtype=dtype):
-        y, z = torch.ops.lora_ext.lora_linear_forward(*args, 1.5, 0.1, 3, 0)
-        y_d, _, _ = torch.ops.lora_ext.dora_linear_forward(*args, t["magnitude"], norm, 1.5, 0.0, 0, 0)
+        y, z = torch.ops.lora_ext.lora_linear_forward(*args, 1.5, 0.1, torch.tensor(3), 0)
+        y_d, _, _ = torch.ops.lora_ext.dora_linear_forward(*args, t["magnitude"], norm, 1.5, 0.0, torch.tensor(0), 0)
         y_q = torch.ops.lora_ext.nf4_matmul(t["x"], packed, absmax, 24, 64, t["bias"])
         norm_again = torch.ops.lora_ext.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], 1.5)
     assert y.dtype == z.dtype == y_d.dtype == y_q.dtype == dtype
@@ -246,10 +246,10 @@ def test_opcheck_under_autocast(dtype, op):
     t = _inputs(torch.float32, torch.float32, dora=True)
     factors = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"])
     if op == "lora_linear_forward":
-        args = (*factors, 1.5, 0.1, 3, 0)
+        args = (*factors, 1.5, 0.1, torch.tensor(3), 0)
     elif op == "dora_linear_forward":
         norm = ops.dora_weight_norm(t["weight"].detach(), t["lora_A"].detach(), t["lora_B"].detach(), 1.5)
-        args = (*factors, t["magnitude"], norm, 1.5, 0.1, 3, 0)
+        args = (*factors, t["magnitude"], norm, 1.5, 0.1, torch.tensor(3), 0)
     else:
         packed, absmax = ops.nf4_quantize(t["weight"].detach())
         args = (t["x"], packed, absmax, 24, 64, t["bias"])

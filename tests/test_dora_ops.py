@@ -364,7 +364,7 @@ def _forward_op_args(x_shape, bias, dropout_p, dtype=torch.float32, device="cpu"
     inputs = DoraInputs(x_shape, 9, 4, bias=bias, dtype=dtype, device=device)
     norm = ops.dora_weight_norm(inputs.weight.detach(), inputs.lora_A.detach(), inputs.lora_B.detach(), 0.75)
     x, w, b, A, B, m = inputs.args()
-    return (x, w, b, A, B, m, norm, 0.75, dropout_p, seed, offset)
+    return (x, w, b, A, B, m, norm, 0.75, dropout_p, torch.tensor(seed), offset)
 
 
 OPCHECK_SETS = {

@@ -321,7 +321,7 @@ def test_backward_saves_only_x_and_z(x_shape, dropout_p, x_requires_grad, bias, 
 
 def _forward_args(x_shape, bias, dropout_p, seed=3, offset=0, device="cpu", dtype=torch.float32):
     inputs = make_lora_inputs(x_shape, 9, 4, bias=bias, device=device, dtype=dtype)
-    return (*inputs.args(), 0.75, dropout_p, seed, offset)
+    return (*inputs.args(), 0.75, dropout_p, torch.tensor(seed), offset)
 
 
 FORWARD_ARG_SETS = {
@@ -369,7 +369,7 @@ def test_opcheck_backward(device, output_mask, dropout_p, x_shape):
                          ids=str)
 def test_opcheck_dropout_mask(device, shape, p, seed, offset):
     torch.library.opcheck(torch.ops.lora_ext.dropout_mask.default,
-                          (torch.randn(shape, device=device), p, seed, offset))
+                          (torch.randn(shape, device=device), p, torch.tensor(seed), offset))
 
 
 # ================================================================ torch.compile

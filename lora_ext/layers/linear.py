@@ -20,14 +20,15 @@ from . import dora
 from .base import LoraLayer
 
 
-def fresh_dropout_seed() -> int:
-    """A Philox seed drawn from torch's CPU generator.
+def fresh_dropout_seed() -> torch.Tensor:
+    """A Philox seed for the dropout ops (ops.dropout_seed), drawn from torch's CPU generator.
 
     Drawing from torch's RNG makes torch.manual_seed reproduce the masks, and lets
     torch.utils.checkpoint (which restores the RNG state before recomputing) regenerate
-    the very same mask.
+    the very same mask. It stays a tensor: torch.compile traces the draw, where an int
+    would need .item(), a graph break per layer.
     """
-    return int(torch.empty((), dtype=torch.int64).random_().item())
+    return ops.dropout_seed()
 
 
 def dropout_p(module: nn.Module) -> float:

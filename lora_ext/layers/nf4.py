@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..nf4 import NF4Linear
-from ..ops._common import autocast_active, autocast_eligible
+from ..ops._common import autocast_active, autocast_eligible, check_seed
 from .linear import Linear, dropout_p, fresh_dropout_seed
 
 _MERGE_WARNING = "Merge lora module to 4-bit linear may get different generations due to rounding errors."
@@ -34,7 +34,7 @@ class _LoraDelta(torch.autograd.Function):
     """s·(drop(x)·Aᵀ)·Bᵀ saving x and z only; the dropout mask is regenerated from the seed."""
 
     @staticmethod
-    def forward(x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, p: float, seed: int) -> Tensor:
+    def forward(x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, p: float, seed: Tensor) -> Tensor:
         dropped = _drop(x, p, seed)
         z = dropped @ lora_A.T
         return (z @ lora_B.T) * scaling, z
@@ -65,7 +65,7 @@ class _LoraDelta(torch.autograd.Function):
         return grad_x, grad_A, grad_B, None, None, None
 
 
-def _drop(t: Tensor, p: float, seed: int, like: Tensor | None = None) -> Tensor:
+def _drop(t: Tensor, p: float, seed: Tensor, like: Tensor | None = None) -> Tensor:
     """t·mask/(1-p) with the Philox mask of `like` (default t): reference.lora_dropout's semantics."""
     if p == 0.0:
         return t
@@ -73,9 +73,10 @@ def _drop(t: Tensor, p: float, seed: int, like: Tensor | None = None) -> Tensor:
 
 
 def lora_delta(x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, p: float = 0.0,
-               seed: int = 0) -> Tensor:
-    """s·(drop(x)·Aᵀ)·Bᵀ, dropout as in ops.lora_linear (x and z saved for backward, not drop(x))."""
-    return _LoraDelta.apply(x, lora_A, lora_B, float(scaling), float(p), int(seed))[0]
+               seed: int | Tensor = 0) -> Tensor:
+    """s·(drop(x)·Aᵀ)·Bᵀ, dropout as in ops.lora_linear (x and z saved for backward, not drop(x));
+    seed an int or a one-element int64 tensor, as for ops.lora_linear."""
+    return _LoraDelta.apply(x, lora_A, lora_B, float(scaling), float(p), check_seed(seed))[0]
 
 
 class Linear4bit(Linear):
@@ -216,7 +217,7 @@ class Linear4bit(Linear):
                 result = result.to(expected)
         return result
 
-    def _dropout_args(self, adapter: str) -> tuple[float, int]:
+    def _dropout_args(self, adapter: str) -> tuple[float, int | Tensor]:
         p = dropout_p(self.lora_dropout[adapter])
         if not (self.training and p > 0.0):
             return 0.0, 0

@@ -18,6 +18,22 @@ def check_int(name: str, value) -> int:
     return value if value < 2**63 else value - 2**64  # the kernels read it as uint64
 
 
+def check_seed(seed) -> torch.Tensor:
+    """A dropout seed as the ops take it: a one-element int64 CPU tensor.
+
+    A tensor rather than an int so that torch.compile keeps a per-call draw (dropout_seed)
+    inside its graph; an int would have to be read out with .item(), a graph break. Python
+    ints are wrapped (the same 64-bit range as check_int); a seed on another device is copied
+    to the host, where the kernels read it.
+    """
+    if not isinstance(seed, torch.Tensor):
+        return torch.tensor(check_int("seed", seed), dtype=torch.int64, device="cpu")
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError(f"seed must be an int or a one-element torch.int64 tensor, got a "
+                        f"{seed.dtype} tensor of shape {tuple(seed.shape)}")
+    return seed if seed.device.type == "cpu" else seed.cpu()
+
+
 # ---------------------------------------------------------------- autocast
 
 _autocast_lib = torch.library.Library("lora_ext", "IMPL")

@@ -9,6 +9,7 @@ from ._common import check_dropout as _check_dropout
 from ._common import autocast_active as _autocast_active
 from ._common import autocast_eligible as _autocast_eligible
 from ._common import check_int as _check_int
+from ._common import check_seed as _check_seed
 from ._common import register_autocast_rule as _register_autocast_rule
 from ._lora_linear import _dropped as _dropped_x
 from ._lora_linear import dropout_mask
@@ -93,7 +94,7 @@ _register_autocast_rule("dora_weight_norm", ())
 
 
 def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                magnitude: Tensor, scaling: float, dropout_p: float = 0.0, seed: int = 0,
+                magnitude: Tensor, scaling: float, dropout_p: float = 0.0, seed: int | Tensor = 0,
                 training: bool = True, offset: int = 0, weight_norm: Tensor | None = None) -> Tensor:
     """DoRA linear layer with PEFT's semantics (peft.tuners.lora.dora.DoraLinearLayer).
 
@@ -108,7 +109,8 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     Shapes: x [..., in], weight [out, in], bias [out] or None, lora_A [r, in], lora_B [out, r],
     magnitude [out], weight_norm [out] (any float dtype; pass a cached one at inference).
     Without dropout the base GEMM x·Wᵀ is computed once and serves both terms. The mask is
-    the one ops.lora_linear draws for the same (seed, offset), regenerated in backward.
+    the one ops.lora_linear draws for the same (seed, offset), regenerated in backward; seed is
+    an int or a one-element int64 tensor, as for ops.lora_linear.
     Gradients: x, lora_A, lora_B, magnitude, and weight/bias when they require grad.
     """
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B, "magnitude": magnitude}
@@ -140,7 +142,7 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         raise ValueError(f"dora_linear: weight_norm must have shape [{out_features}] on {x.device}, "
                          f"got {tuple(weight_norm.shape)} on {weight_norm.device}")
     args = (x, weight, bias, lora_A, lora_B, magnitude, weight_norm.detach(), float(scaling), p,
-            _check_int("seed", seed), _check_int("offset", offset))
+            _check_seed(seed), _check_int("offset", offset))
     y, _, _ = _MixedDoraLinear.apply(*args) if mixed else _ops.dora_linear_forward(*args)
     return y
 
@@ -202,7 +204,7 @@ def _dora_linear_setup_context(ctx, inputs, output):
     ctx.scalars = (scaling, dropout_p, seed, offset)
 
 
-def _dropped(x2d: Tensor, dropout_p: float, seed: int, offset: int) -> Tensor:
+def _dropped(x2d: Tensor, dropout_p: float, seed: Tensor, offset: int) -> Tensor:
     if dropout_p == 0.0:
         return x2d
     return x2d * dropout_mask(x2d, dropout_p, seed, offset).to(x2d.dtype) / (1.0 - dropout_p)

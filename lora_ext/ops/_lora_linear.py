@@ -9,6 +9,7 @@ from ._common import autocast_active as _autocast_active
 from ._common import autocast_eligible as _autocast_eligible
 from ._common import check_dropout as _check_dropout
 from ._common import check_int as _check_int
+from ._common import check_seed as _check_seed
 from ._common import register_autocast_rule as _register_autocast_rule
 
 _ops = torch.ops.lora_ext
@@ -64,8 +65,8 @@ def _check_lora_linear(x, weight, bias, lora_A, lora_B, scaling) -> bool:
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                scaling: float, dropout_p: float = 0.0, seed: int = 0, training: bool = True,
-                offset: int = 0, lora_bias: Tensor | None = None) -> Tensor:
+                scaling: float, dropout_p: float = 0.0, seed: int | Tensor = 0,
+                training: bool = True, offset: int = 0, lora_bias: Tensor | None = None) -> Tensor:
     """Fused LoRA linear layer.
 
     Semantics (reference.lora_linear)::
@@ -81,6 +82,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     autograd op, so its gradient is scaling * sum(grad_y)); with adapters of another dtype
     it is added in the adapter branch, in their dtype, as PEFT adds it.
 
+    seed: an int, or a one-element int64 tensor (what layers pass: torch.compile traces a
+    seed drawn as a tensor, ops.dropout_seed, without a graph break).
+
     Dtypes: x, weight and bias share one dtype, lora_A and lora_B one dtype. Adapters of
     another dtype (PEFT's fp32 adapters over a half base) get PEFT's arithmetic: the base
     product in x's dtype, the adapter branch in the adapters' dtype, the sum rounded once to
@@ -93,7 +97,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     p = _check_dropout(dropout_p)  # checked in eval too: a bad config fails at once
     if not training:
         p = 0.0
-    scalars = (float(scaling), p, _check_int("seed", seed), _check_int("offset", offset))
+    scalars = (float(scaling), p, _check_seed(seed), _check_int("offset", offset))
     if mixed:
         y, _ = _MixedLoraLinear.apply(x, weight, bias, lora_A, lora_B, *scalars, lora_bias)
         return y
@@ -205,7 +209,7 @@ _register_autocast_rule("lora_linear_forward", (0, 1, 2, 3, 4))
 # ---------------------------------------------------------------- adapters of another dtype
 
 
-def _dropped(x2d: Tensor, dropout_p: float, seed: int, offset: int) -> Tensor:
+def _dropped(x2d: Tensor, dropout_p: float, seed: Tensor, offset: int) -> Tensor:
     """drop(x2d) with the kernel's Philox mask, in x2d's dtype."""
     if dropout_p == 0.0:
         return x2d
@@ -278,17 +282,39 @@ class _MixedLoraLinear(torch.autograd.Function):
 # ---------------------------------------------------------------- dropout mask
 
 
-def dropout_mask(like: Tensor, dropout_p: float, seed: int, offset: int = 0) -> Tensor:
+def dropout_mask(like: Tensor, dropout_p: float, seed: int | Tensor, offset: int = 0) -> Tensor:
     """The keep mask lora_linear uses, as a bool tensor of like's shape and device.
 
     Semantics: reference.dropout_mask (Philox-4x32-10 of (seed, offset, element index)).
+    seed: an int or a one-element int64 tensor, as for lora_linear.
     """
     if not isinstance(like, Tensor):
         raise TypeError(f"dropout_mask: like must be a Tensor, got {type(like).__name__}")
-    return _ops.dropout_mask(like, _check_dropout(dropout_p), _check_int("seed", seed),
+    return _ops.dropout_mask(like, _check_dropout(dropout_p), _check_seed(seed),
                              _check_int("offset", offset))
 
 
 @torch.library.register_fake("lora_ext::dropout_mask")
 def _dropout_mask_fake(like, dropout_p, seed, offset):
     return like.new_empty(like.shape, dtype=torch.bool)
+
+
+def dropout_seed(device: torch.device | str = "cpu") -> Tensor:
+    """A fresh dropout seed: a 0-d int64 tensor from the default generator of `device`.
+
+    Semantics (reference.dropout_seed)::
+
+        torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+
+    The layers draw on the CPU: the ops read seeds on the host, so a CPU seed serves inputs
+    on any device without a sync. torch.manual_seed reproduces it and torch.utils.checkpoint
+    (which restores the generator before recomputing) redraws it. Under torch.compile it is
+    one op in the graph, no graph break, drawn from the same generator with every backend
+    (inductor included), so compiled code draws eager mode's seeds and masks.
+    """
+    return _ops.dropout_seed(torch.device(device))
+
+
+@torch.library.register_fake("lora_ext::dropout_seed")
+def _dropout_seed_fake(device):
+    return torch.empty((), dtype=torch.int64, device=device)

@@ -46,8 +46,9 @@ def dropout_mask(like: torch.Tensor, dropout_p: float, seed: int, offset: int = 
 
     Element i uses lane i % 4 of Philox-4x32-10 at counter (lo(i//4), hi(i//4), lo(offset),
     hi(offset)) with key (lo(seed), hi(seed)); it is kept when that word >= floor(p * 2^32).
+    seed is an int or a one-element integer tensor, as the ops take it.
     """
-    seed &= (1 << 64) - 1
+    seed = int(seed) & ((1 << 64) - 1)
     offset &= (1 << 64) - 1
     index = torch.arange(like.numel(), device=like.device, dtype=torch.int64)
     group = index >> 2
@@ -57,6 +58,11 @@ def dropout_mask(like: torch.Tensor, dropout_p: float, seed: int, offset: int = 
     words = torch.stack(philox4x32_10(counter, (seed & _MASK32, seed >> 32)), dim=-1)
     word = words.gather(-1, lane.unsqueeze(-1)).squeeze(-1)
     return (word >= dropout_threshold(dropout_p)).reshape(like.shape)
+
+
+def dropout_seed(device="cpu") -> torch.Tensor:
+    """A fresh seed from the default generator of `device`, uniform in [0, 2^62)."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
 
 def lora_dropout(x: torch.Tensor, dropout_p: float, seed: int, offset: int = 0) -> torch.Tensor:
