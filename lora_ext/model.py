@@ -274,12 +274,19 @@ class LoraModel(nn.Module):
         _warn_unmatched_patterns(config, matched)
         self.targeted_module_names.extend(k for k in matched if k not in self.targeted_module_names)
         self.targeted_parameter_names.extend(k for k in matched_parameters if k not in self.targeted_parameter_names)
-        self._mark_only_adapters_as_trainable()
-        if config.inference_mode:
+        # only the layers that got this adapter re-apply their active adapters (as PEFT's
+        # update_layer): an adapter frozen before (loaded with is_trainable=False) stays frozen
+        self._mark_only_adapters_as_trainable(
+            {id(layer) for _, layer in self.lora_layers() if adapter_name in layer._get_available_adapters()})
+        if config.inference_mode:  # as PEFT: the modules that got this adapter freeze their active ones too
             for _, layer in self.lora_layers():
-                for container in layer._adapter_modules():
-                    if adapter_name in container:
-                        container[adapter_name].requires_grad_(False)
+                if adapter_name in layer._get_available_adapters():
+                    for container in layer._adapter_modules():
+                        for key in {adapter_name, *layer.active_adapters} & set(container):
+                            container[key].requires_grad_(False)
+            for module in self.model.modules():
+                if isinstance(module, AuxiliaryTrainingWrapper) and adapter_name in module._get_available_adapters():
+                    module.set_requires_grad([adapter_name, *module.active_adapters], False)
             for layer in self._token_layers():
                 layer.set_requires_grad(adapter_name, False)
 
@@ -373,7 +380,9 @@ class LoraModel(nn.Module):
                     wrapper.set_adapter(self.active_adapters[0])
                 setattr(parent, child_name, wrapper)
 
-    def _mark_only_adapters_as_trainable(self) -> None:
+    def _mark_only_adapters_as_trainable(self, layers: set[int] | None = None) -> None:
+        """Freeze everything but adapters; the LoRA layers in `layers` (ids; None: all) make their
+        active adapters trainable."""
         adapter_params = set()
         for _, layer in self.lora_layers():
             for container in layer._adapter_modules():
@@ -386,7 +395,8 @@ class LoraModel(nn.Module):
             if id(p) not in adapter_params and id(p) not in wrapper_params:
                 p.requires_grad_(False)
         for _, layer in self.lora_layers():
-            layer.set_adapter(layer.active_adapters)
+            if layers is None or id(layer) in layers:
+                layer.set_adapter(layer.active_adapters)
         for wrapper in wrappers:
             wrapper.set_adapter(wrapper.active_adapters)
         for adapter in self.active_adapters:

@@ -466,3 +466,22 @@ def test_merge_adapter_without_names_merges_each_layer_s_own_active_adapters_as_
         model.merge_adapter()
         merged.append([layer.merged_adapters for layer in layers])
     assert merged[0] == merged[1] == [["b"], ["a"]]
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+@pytest.mark.parametrize("modules_to_save", [None, ["1"]])
+def test_load_adapter_trainability_as_peft(is_trainable, modules_to_save, tmp_path):
+    # load_adapter(is_trainable=False) into a frozen model leaves every parameter frozen, as PEFT
+    def base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3))
+    trainable = []
+    for library in (lora_ext, peft):
+        folder = tmp_path / library.__name__
+        library.get_peft_model(base(), library.LoraConfig(target_modules=["0"], modules_to_save=modules_to_save)
+                               ).save_pretrained(folder)
+        model = library.PeftModel.from_pretrained(base(), folder, is_trainable=is_trainable)
+        before = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        model.load_adapter(folder, adapter_name="other", is_trainable=is_trainable)
+        trainable.append((before, sorted(n for n, p in model.named_parameters() if p.requires_grad)))
+    assert trainable[0] == trainable[1]
