@@ -485,3 +485,19 @@ def test_load_adapter_trainability_as_peft(is_trainable, modules_to_save, tmp_pa
         model.load_adapter(folder, adapter_name="other", is_trainable=is_trainable)
         trainable.append((before, sorted(n for n, p in model.named_parameters() if p.requires_grad)))
     assert trainable[0] == trainable[1]
+
+
+def test_grouped_conv_dora_runs_under_inference_mode_as_peft():
+    def base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(4, 8, 3, groups=2))
+    x = torch.randn(2, 4, 6, 6)
+    outputs = []
+    for library in (lora_ext, peft):
+        torch.manual_seed(1)
+        model = library.get_peft_model(base(), library.LoraConfig(r=2, target_modules=["0"], use_dora=True,
+                                                                   init_lora_weights=False)).eval()
+        with torch.inference_mode():
+            outputs.append((model(x), model(x)))     # twice: the eval-mode norm cache
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[0][1], outputs[0][0], rtol=0, atol=0)

@@ -44,6 +44,8 @@ class DoraMagnitude(nn.Module):
             return layer_weight_norm(layer, adapter)
         weight = layer.base_layer.weight
         lora_A, lora_B = layer.dora_factors(adapter)
+        if any(t.is_inference() for t in (weight, lora_A, lora_B)):
+            return layer_weight_norm(layer, adapter)  # inference tensors have no version to key a cache on
         key = (layer.scaling[adapter],) + tuple(
             (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for t in (weight, lora_A, lora_B))
         if self._norm_cache is None or self._norm_cache[0] != key:
