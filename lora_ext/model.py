@@ -371,14 +371,12 @@ class LoraModel(nn.Module):
                 continue
             if isinstance(module, ModulesToSaveWrapper):
                 module.update(adapter_name)
-                module.set_adapter(module.active_adapters or adapter_name)
             else:
                 parent_name, _, child_name = key.rpartition(".")
                 parent = self.model.get_submodule(parent_name) if parent_name else self.model
-                wrapper = ModulesToSaveWrapper(module, adapter_name)
-                if adapter_name not in self.active_adapters:
-                    wrapper.set_adapter(self.active_adapters[0])
-                setattr(parent, child_name, wrapper)
+                module = ModulesToSaveWrapper(module, adapter_name)
+                setattr(parent, child_name, module)
+            module.set_adapter(self.active_adapters)  # a new adapter's copy waits until it is active
 
     def _mark_only_adapters_as_trainable(self, layers: set[int] | None = None) -> None:
         """Freeze everything but adapters; the LoRA layers in `layers` (ids; None: all) make their

@@ -501,3 +501,35 @@ def test_grouped_conv_dora_runs_under_inference_mode_as_peft():
             outputs.append((model(x), model(x)))     # twice: the eval-mode norm cache
     torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outputs[0][1], outputs[0][0], rtol=0, atol=0)
+
+
+def _deep_mlp():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.Module() for _ in range(3)])
+    for layer in model.layers:
+        layer.lin0, layer.lin1 = nn.Linear(8, 8), nn.Linear(8, 8)
+    return model
+
+
+def test_modules_to_save_with_several_adapters_as_peft():
+    for library in (lora_ext, peft):
+        config = lambda saved: library.LoraConfig(target_modules=["layers.0.lin0"], modules_to_save=saved)
+        model = library.get_peft_model(_deep_mlp(), config(None))
+        model.add_adapter("other", config(["layers.0.lin1"]))    # 'default' stays active
+        wrapper = model.base_model.model.layers[0].lin1
+        assert wrapper.active_adapters == [], library.__name__
+        assert wrapper.modules_to_save["other"].weight.requires_grad is False
+        model.set_adapter("other")
+        assert wrapper.active_adapters == ["other"] and wrapper.modules_to_save["other"].weight.requires_grad
+        model.set_adapter("default")
+        assert wrapper.active_adapters == [] and not wrapper.modules_to_save["other"].weight.requires_grad
+        # copies of one module cannot be active together; of different modules they can
+        model = library.get_peft_model(_deep_mlp(), config(["layers.0.lin1", "layers.1.lin1"]))
+        model.add_adapter("other", config(["layers.2.lin1", "layers.1.lin1"]))
+        with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
+            model.base_model.set_adapter(["default", "other"])
+        model = library.get_peft_model(_deep_mlp(), config(["layers.0.lin1"]))
+        model.add_adapter("other", config(["layers.1.lin1"]))
+        model.base_model.set_adapter(["default", "other"])
+        assert model.base_model.model.layers[1].lin1.active_adapters == ["other"]

@@ -58,9 +58,12 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
         self.original_module.requires_grad_(False)
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Activate the one of these adapters that has a copy here (none: the original module)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        if len(names) > 1:
-            raise ValueError(f"modules_to_save cannot be applied to more than one adapter at once, got {names}")
+        names = [name for name in names if name in self.modules_to_save]
+        if len(names) > 1:  # copies replace the module, they do not add up: PEFT's error
+            raise ValueError(f"Only one adapter can be set at a time for ModulesToSaveWrapper, got {names}: "
+                             "their modules_to_save copies of this module would replace each other")
         for key, module in self.modules_to_save.items():
             module.requires_grad_(key in names)
         self._active_adapter = names
