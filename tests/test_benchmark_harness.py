@@ -4,6 +4,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from lora_ext import benchmark as harness
 from lora_ext import cli
@@ -326,3 +327,19 @@ def test_time_budget_predicts_a_slow_case_from_earlier_ones(monkeypatch):
     assert "budget_skipped" not in first and first["measurements"]
     assert second["budget_skipped"]["estimated_s"] > 100 and second["first_step_s"] == {}
     assert len(calls) == 2 + 2 * harness.MIN_REPEATS    # the big case made no call
+
+
+def test_chart_and_table_go_beside_a_given_json_path(tmp_path, monkeypatch):
+    from lora_ext.benchmark import _output
+    repo_default = tmp_path / "default_place"
+    monkeypatch.setattr(_output, "default_output_dir", lambda: repo_default)
+    fam = harness.get_family("lora")
+    cases = fam.cases("quick", features=(32, 48), tokens=8, dtypes=("float32",), dropouts=(0.0,))[:1]
+    doc = harness.run_benchmark("lora", cases, device="cpu", repeats=1, warmup=0,
+                                contestants=["base", "lora_ext"], progress=False)
+    paths = _output.write_outputs(doc, torch.device("cpu"), json_path=tmp_path / "run.json")
+    assert str(paths["json"]) == str(tmp_path / "run.json")
+    assert str(paths["md"]) == str(tmp_path / "run.md")
+    if paths["png"] is not None:       # matplotlib installed
+        assert str(paths["png"]) == str(tmp_path / "run.png")
+    assert not repo_default.exists()   # nothing written into the default place

@@ -310,7 +310,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON results path (default: benchmarks/results/ in a checkout, else "
                              "the current directory; the name holds family, device and date)")
     parser.add_argument("--out-png", default=None, metavar="PATH",
-                        help="PNG chart path (same default place; skipped without matplotlib)")
+                        help="PNG chart path (default: beside --out-json, else the same default place; "
+                             "skipped without matplotlib)")
     parser.add_argument("--max-seconds", type=float, default=None, metavar="S",
                         help="time budget of a run: cases take fewer repeats (at least "
                              f"{MIN_REPEATS}) to keep within it (default: 90 for --quick on cpu, "
@@ -336,11 +337,13 @@ def family_names(requested: Sequence[str] | None) -> list[str]:
 def write_outputs(doc: Mapping, device: torch.device, *, output: str | Path | None = None,
                   json_path: str | Path | None = None, png_path: str | Path | None = None) -> dict:
     """JSON, PNG and markdown of one family's run; returns {"json", "png", "md"} paths (png None
-    without matplotlib). Default place: `output`, else benchmarks/results/ of a checkout, else cwd."""
+    without matplotlib). Default place: `output`, else benchmarks/results/ of a checkout, else cwd;
+    the chart and the table go beside a JSON path that is given."""
     stem = default_output_stem(doc["family"], device)
     out_dir = Path(output) if output else default_output_dir()
     paths = {"json": write_json(doc, json_path or out_dir / f"{stem}.json")}
-    paths["png"] = write_png(doc, png_path or out_dir / f"{stem}.png")
+    paths["png"] = write_png(doc, png_path or (Path(json_path).with_suffix(".png") if json_path
+                                               else out_dir / f"{stem}.png"))
     paths["md"] = write_markdown(doc, Path(paths["json"]).with_suffix(".md"))
     return paths
 
