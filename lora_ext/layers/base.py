@@ -16,7 +16,28 @@ from .. import init as lora_init
 from . import dora
 
 
-class LoraLayer:
+class AdapterStatus:
+    """PEFT's status properties of a tuner layer, from its _active_adapter, _disable_adapters and
+    merged_adapters (shared by LoRA layers and trainable-token layers)."""
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+
+class LoraLayer(AdapterStatus):
     """Mixin for a module that wraps `base_layer` and adds named LoRA adapters."""
 
     # attribute names that hold adapter parameters (state_dict keys contain them)
@@ -58,22 +79,6 @@ class LoraLayer:
     @property
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapter)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
 
     def adapter_names(self) -> list[str]:
         return list(self.r)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LoraLayer
+from .base import AdapterStatus, LoraLayer
 from .modules_to_save import AuxiliaryTrainingWrapper
 
 
@@ -57,7 +57,7 @@ class _BufferDict(nn.Module):
         return self._buffers.values()
 
 
-class TrainableTokensLayer(nn.Module):
+class TrainableTokensLayer(nn.Module, AdapterStatus):
     """The rows of `base_layer.weight` (an nn.Embedding, or a tied nn.Linear head) that each
     adapter trains. A tied layer (tied_adapter given) shares its adapters and holds none."""
 
@@ -92,22 +92,6 @@ class TrainableTokensLayer(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapter)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
 
     def update_layer(self, adapter_name: str, token_indices: list[int], init_weights: bool = True) -> None:
         """New adapter: its delta starts as a copy of the base rows (PEFT's init_weights=True)."""
