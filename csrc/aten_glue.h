@@ -1,5 +1,5 @@
 // Helpers shared by the ATen orchestration files (csrc/<family>.cpp): the CUDA kernels' dtype
-// tag for an ATen dtype, and the Philox dropout pass of the fused LoRA linear (defined in
+// tag for an ATen dtype, and the Philox dropout steps of the fused LoRA linear (defined in
 // lora_linear.cpp), which DoRA reuses so that both draw the same mask from a seed.
 #pragma once
 
@@ -40,5 +40,12 @@ inline int64_t dropout_seed(const at::Tensor& seed, double dropout_p) {
 //   dropped = mask * scale * x,   grad *= mask * scale (in place).
 void dropout_apply(const at::Tensor& x, const at::Tensor& dropped, const at::Tensor& grad,
                    const core::DropoutParams& params);
+
+// z = drop(x2d)·lora_Aᵀ [rows, r] and grad_A = grad_zᵀ·drop(x2d) [r, in] in x2d's dtype (lora_A's
+// for grad_A), drop(x) made as x streams in, never stored whole (CUDA kernels or CPU tiles).
+at::Tensor shrink_dropout(const at::Tensor& x2d, const at::Tensor& lora_A, double dropout_p,
+                          const core::DropoutParams& params);
+at::Tensor grad_a_dropout(const at::Tensor& grad_z, const at::Tensor& x2d, const at::Tensor& lora_A,
+                          double dropout_p, const core::DropoutParams& params);
 
 }  // namespace lora_ext

@@ -1,6 +1,7 @@
 // DoRA: the weight norm ‖W + s·B·A‖ per output row (kernels in csrc/cpu/dora.cpp and
 // csrc/cuda/dora.cu), and the DoRA linear forward/backward, whose GEMMs run through ATen
-// around the Philox dropout kernels of the fused LoRA linear.
+// around the Philox dropout kernels of the fused LoRA linear and, with dropout, the kernels of
+// the sparse correction (csrc/cpu/dora_dropout.cpp, csrc/cuda/dora_dropout.cu).
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
@@ -17,8 +18,12 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/dora.cuh"
+#include "cuda/dora_dropout.cuh"
 #include "cuda/lora_linear.cuh"
 #endif
+
+#include <cstdlib>
+#include <cstring>
 
 namespace lora_ext {
 namespace {
@@ -110,6 +115,36 @@ Tensor magnitude_scale(const Tensor& magnitude, const Tensor& weight_norm, at::S
   return magnitude.to(acc).div(weight_norm.to(acc)).to(dtype);
 }
 
+// Whether dropout takes the sparse correction: drop(x)·Wᵀ = (x·Wᵀ - (x ⊙ (1 - m))·Wᵀ) / q from
+// the base output and a product over the dropped elements, about p of a dense GEMM. Above
+// p = 0.5 the dense product is less work, and more accurate: the correction divides the base
+// output's rounding error by q. On CUDA it is the default for fp32 and fp64 only: for fp16 and
+// bf16, cuBLAS's tensor cores are expected to beat the correction's scattered reads of Wᵀ
+// (one per dropped element and column, from L2), which is not yet measured on a GPU;
+// LORA_EXT_DORA_CUDA_SPARSE=1 (or 0) takes (or avoids) it for every dtype.
+bool sparse_correction(const Tensor& x, double dropout_p) {
+  if (dropout_p == 0.0 || dropout_p > 0.5) return false;
+  if (!x.is_cuda()) return true;
+  // Read at every call (a getenv), so that a process can compare both paths.
+  const char* value = std::getenv("LORA_EXT_DORA_CUDA_SPARSE");
+  if (value != nullptr && value[0] != '\0' && std::strcmp(value, "auto") != 0) {
+    TORCH_CHECK(std::strcmp(value, "0") == 0 || std::strcmp(value, "1") == 0,
+                "LORA_EXT_DORA_CUDA_SPARSE='", value, "' must be 0, 1 or auto (unset: auto)");
+    return value[0] == '1';
+  }
+  return x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+}
+
+#ifdef LORA_EXT_WITH_CUDA
+// The dropped elements of a [rows, in] mask as bits (cuda/dora_dropout.cuh), made once per call.
+Tensor cuda_dropped_bits(const Tensor& like, int64_t rows, int64_t in, const core::DropoutParams& params) {
+  Tensor bits = at::empty({rows * cuda::dora_dropped_words(in)}, like.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cuda::launch_dora_dropped_bits(reinterpret_cast<uint32_t*>(bits.data_ptr<int32_t>()), rows,
+                                                in, params, c10::cuda::getCurrentCUDAStream()));
+  return bits;
+}
+#endif
+
 // Without dropout:  h = x·Wᵀ + s·z·Bᵀ (z = x·Aᵀ),      y = g ⊙ h + b,          hm = h.
 // With dropout:     hd = d·Wᵀ + s·z·Bᵀ (z = d·Aᵀ),    y = x·Wᵀ + b + s·z·Bᵀ + (g - 1) ⊙ hd,  hm = hd.
 // Both equal PEFT's base(x) + (g - 1)·base_noBias(drop(x)) + g·s·B(A(drop(x))). hm is what g
@@ -136,7 +171,7 @@ std::tuple<Tensor, Tensor, Tensor> dora_linear_forward(
     hm.addmm_(x2d.to(gemm), weight.to(gemm).t());  // the only big GEMM: x·Wᵀ serves both terms
     hm = hm.to(x.scalar_type());
     y = has_bias ? at::addcmul(*bias, hm, g) : hm * g;
-  } else if (!x.is_cuda()) {
+  } else if (sparse_correction(x, dropout_p) && !x.is_cuda()) {
     // drop(x)·Wᵀ = (x·Wᵀ - (x ⊙ (1 - m))·Wᵀ) / q: the base GEMM serves both terms and the rest
     // is a product over the dropped elements only.
     const auto params = core::make_dropout_params(dropout_p, seed, offset);
@@ -151,17 +186,46 @@ std::tuple<Tensor, Tensor, Tensor> dora_linear_forward(
     z = z_acc.to(x.scalar_type());
     hm = hd.to(x.scalar_type());
     y = y_acc.to(x.scalar_type());
+  } else if (sparse_correction(x, dropout_p)) {
+#ifdef LORA_EXT_WITH_CUDA
+    // The same correction on CUDA: x·Wᵀ from cuBLAS, then one kernel forms the product over the
+    // dropped elements and the DoRA outputs from it (y in place of x·Wᵀ).
+    const c10::cuda::CUDAGuard guard(x.device());
+    const auto params = core::make_dropout_params(dropout_p, seed, offset);
+    const Tensor x_contig = x2d.contiguous();
+    const int64_t rows = x_contig.size(0);
+    z = shrink_dropout(x_contig, lora_A, dropout_p, params);
+    const Tensor low_rank = at::mm(z, scaled_B_t);
+    y = at::mm(x_contig, weight.t());
+    hm = at::empty_like(y);
+    const Tensor wt = weight.t().contiguous();
+    const Tensor g_minus_1 = (g.to(acc_type(x.scalar_type())) - 1).contiguous();
+    const Tensor bias_c = has_bias ? bias->to(x.scalar_type()).contiguous() : Tensor();
+    TORCH_CHECK(!has_bias || bias_c.numel() == out, "dora_linear: bias must be [", out, "]");
+    const Tensor bits = cuda_dropped_bits(x, rows, in, params);
+    C10_CUDA_CHECK(cuda::launch_dora_dropout_outputs(
+        cuda_dtype(x.scalar_type()), x_contig.const_data_ptr(), wt.const_data_ptr(), y.mutable_data_ptr(),
+        low_rank.const_data_ptr(), g_minus_1.const_data_ptr(), has_bias ? bias_c.const_data_ptr() : nullptr,
+        hm.mutable_data_ptr(), reinterpret_cast<const uint32_t*>(bits.const_data_ptr<int32_t>()), rows, in,
+        out, 1.0 - dropout_p, c10::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK(false, "lora_ext was built without CUDA kernels");
+#endif
   } else {
+    // The dense product: drop(x) materialised and multiplied by Wᵀ a second time.
     const auto params = core::make_dropout_params(dropout_p, seed, offset);
     const Tensor x_contig = x2d.contiguous();
     const Tensor dropped = at::empty_like(x_contig);
     dropout_apply(x_contig, dropped, Tensor(), params);
+    const Tensor w = weight.to(gemm);
     z = at::mm(dropped, lora_A.t());
-    y = at::mm(z, scaled_B_t);
-    hm = at::addmm(y, dropped, weight.t());
-    if (has_bias) y.add_(*bias);
-    y.addmm_(x2d, weight.t());
-    y.addcmul_(hm, g - 1);
+    Tensor y_g = at::mm(z.to(gemm), scaled_B_t.to(gemm));
+    const Tensor hm_g = at::addmm(y_g, dropped.to(gemm), w.t());
+    if (has_bias) y_g.add_(*bias);
+    y_g.addmm_(x2d.to(gemm), w.t());
+    y_g.addcmul_(hm_g, (g - 1).to(gemm));
+    y = y_g.to(x.scalar_type());
+    hm = hm_g.to(x.scalar_type());
   }
   std::vector<int64_t> y_shape(x.sizes().begin(), x.sizes().end());
   y_shape.back() = out;
@@ -204,13 +268,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
     if (need_x) {
       grad_x = at::mm(grad_z, lora_A).to(gemm).addmm_(gg.to(gemm), weight.to(gemm)).to(x.scalar_type());
     }
-  } else if (!x.is_cuda()) {
+  } else if (sparse_correction(x, dropout_p)) {
     // grad_x = grad_y·W + (m/q) ⊙ (G1 + grad_z·A) with G1 = ((g - 1) ⊙ grad_y)·W. Since
     // (m/q) ⊙ G1 = G1/q - ((1 - m)/q) ⊙ G1, one base GEMM of (1 + (g - 1)/q) ⊙ grad_y gives all
     // but G1 at the dropped elements, which are dot products of their own.
     const auto params = core::make_dropout_params(dropout_p, seed, offset);
     const double q = 1.0 - dropout_p;
-    if (need_x) {
+    if (need_x && !x.is_cuda()) {
       // (m/q) ⊙ (grad_z·A) as (grad_z/q)·A with its dropped elements zeroed; the same list of
       // dropped elements then serves the dot products.
       const cpu::DroppedElements dropped(x2d.size(0), in, params);
@@ -220,20 +284,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
       const Tensor wt = weight.t().to(acc).contiguous();
       cpu::subtract_dropped_dots(grad_x, (g2d * (g - 1)).to(acc), wt, 1.0 / q, dropped);
       grad_x = grad_x.to(x.scalar_type());
+    } else if (need_x) {
+#ifdef LORA_EXT_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(x.device());
+      grad_x = at::mm(grad_z, lora_A);
+      dropout_apply(Tensor(), Tensor(), grad_x, params);  // (m/q) ⊙ (grad_z·A)
+      grad_x.addmm_(g2d * ((g - 1) / q + 1), weight);
+      const Tensor gy = (g2d * (g - 1)).contiguous(), wt = weight.t().contiguous();
+      const int64_t rows = x2d.size(0);
+      const Tensor bits = cuda_dropped_bits(x, rows, in, params);
+      C10_CUDA_CHECK(cuda::launch_dora_subtract_dropped_dots(
+          cuda_dtype(x.scalar_type()), grad_x.mutable_data_ptr(), gy.const_data_ptr(), wt.const_data_ptr(),
+          reinterpret_cast<const uint32_t*>(bits.const_data_ptr<int32_t>()), rows, in, out, 1.0 / q,
+          c10::cuda::getCurrentCUDAStream()));
+#else
+      TORCH_CHECK(false, "lora_ext was built without CUDA kernels");
+#endif
     }
-    if (need_A) {  // grad_zᵀ·drop(x) is LoRA's grad_A for the gradient gg: by tiles, no dropped copy
-      grad_A = std::get<1>(cpu::fused_backward(gg, x2d, z, weight, lora_A, lora_B, scaling, dropout_p,
-                                               params, {false, true, false}));
-    }
+    // grad_zᵀ·drop(x) is LoRA's grad_A for the gradient gg: no dropped copy of x.
+    if (need_A) grad_A = grad_a_dropout(grad_z, x2d, lora_A, dropout_p, params);
   } else {
     // grad_x = grad_y·W + mask ⊙ ((g - 1) ⊙ grad_y)·W + mask ⊙ grad_z·A, the mask regenerated.
-    if (need_x) grad_x = at::mm(grad_z, lora_A).addmm_(g2d * (g - 1), weight);
     const auto params = core::make_dropout_params(dropout_p, seed, offset);
-    const Tensor x_contig = need_A ? x2d.contiguous() : Tensor();
-    const Tensor dropped = need_A ? at::empty_like(x_contig) : Tensor();
-    dropout_apply(x_contig, dropped, need_x ? grad_x : Tensor(), params);
-    if (need_A) grad_A = at::mm(grad_z.t(), dropped);
-    if (need_x) grad_x.addmm_(g2d, weight);
+    if (need_x) {
+      const Tensor w = weight.to(gemm);
+      grad_x = at::mm(grad_z.to(gemm), lora_A.to(gemm)).addmm_((g2d * (g - 1)).to(gemm), w);
+      dropout_apply(Tensor(), Tensor(), grad_x, params);
+      grad_x = grad_x.addmm_(g2d.to(gemm), w).to(x.scalar_type());
+    }
+    if (need_A) grad_A = grad_a_dropout(grad_z, x2d, lora_A, dropout_p, params);
   }
   if (need_x) grad_x = grad_x.view(x.sizes());
   return {grad_x, grad_A, grad_B, grad_m};

@@ -36,21 +36,17 @@ void dropout_apply(const at::Tensor& x, const at::Tensor& dropped, const at::Ten
   }
 }
 
-namespace {
-
-using at::Tensor;
-
-// The whole-tensor path's low-rank steps with dropout: z = drop(x2d)·lora_Aᵀ and
-// grad_A = grad_zᵀ·drop(x2d). On CUDA each is one kernel that makes the mask in registers as
-// x streams in; on CPU (bf16 with native bf16 base GEMMs) the tiles of cpu/lora_fused.cpp.
-Tensor shrink_dropout(const Tensor& x2d, const Tensor& lora_A, double dropout_p,
-                      const core::DropoutParams& params) {
-  const Tensor x_contig = x2d.contiguous();
+// Declared in aten_glue.h: the whole-tensor path's low-rank steps with dropout, z = drop(x2d)·lora_Aᵀ
+// and grad_A = grad_zᵀ·drop(x2d). On CUDA each is one kernel that makes the mask in registers
+// as x streams in; on CPU the tiles of cpu/lora_fused.cpp.
+at::Tensor shrink_dropout(const at::Tensor& x2d, const at::Tensor& lora_A, double dropout_p,
+                          const core::DropoutParams& params) {
+  const at::Tensor x_contig = x2d.contiguous();
   if (x_contig.is_cuda()) {
 #ifdef LORA_EXT_WITH_CUDA
-    const Tensor a = lora_A.contiguous();
+    const at::Tensor a = lora_A.contiguous();
     const c10::cuda::CUDAGuard guard(x_contig.device());
-    Tensor z = at::empty({x_contig.size(0), a.size(0)}, x_contig.options());
+    at::Tensor z = at::empty({x_contig.size(0), a.size(0)}, x_contig.options());
     C10_CUDA_CHECK(cuda::launch_lora_shrink_dropout(
         cuda_dtype(x_contig.scalar_type()), x_contig.const_data_ptr(), a.const_data_ptr(),
         z.mutable_data_ptr(), x_contig.size(0), x_contig.size(1), a.size(0), params,
@@ -61,18 +57,18 @@ Tensor shrink_dropout(const Tensor& x2d, const Tensor& lora_A, double dropout_p,
   return cpu::fused_shrink(x_contig, lora_A, dropout_p, params).to(x2d.scalar_type());
 }
 
-Tensor grad_a_dropout(const Tensor& grad_z, const Tensor& x2d, const Tensor& lora_A, double dropout_p,
-                      const core::DropoutParams& params) {
-  const Tensor x_contig = x2d.contiguous();
+at::Tensor grad_a_dropout(const at::Tensor& grad_z, const at::Tensor& x2d, const at::Tensor& lora_A,
+                          double dropout_p, const core::DropoutParams& params) {
+  const at::Tensor x_contig = x2d.contiguous();
   if (x_contig.is_cuda()) {
 #ifdef LORA_EXT_WITH_CUDA
-    const Tensor gz = grad_z.contiguous();
+    const at::Tensor gz = grad_z.contiguous();
     const c10::cuda::CUDAGuard guard(x_contig.device());
     const int64_t rows = x_contig.size(0), in = x_contig.size(1), r = lora_A.size(0);
     const auto acc = x_contig.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    const Tensor scratch = at::empty({cuda::lora_grad_a_scratch(rows, in, r)},
-                                     x_contig.options().dtype(acc));
-    Tensor grad_A = at::empty({r, in}, lora_A.options());
+    const at::Tensor scratch = at::empty({cuda::lora_grad_a_scratch(rows, in, r)},
+                                         x_contig.options().dtype(acc));
+    at::Tensor grad_A = at::empty({r, in}, lora_A.options());
     C10_CUDA_CHECK(cuda::launch_lora_grad_a_dropout(
         cuda_dtype(x_contig.scalar_type()), gz.const_data_ptr(), x_contig.const_data_ptr(),
         grad_A.mutable_data_ptr(), scratch.mutable_data_ptr(), rows, in, r, params,
@@ -82,6 +78,10 @@ Tensor grad_a_dropout(const Tensor& grad_z, const Tensor& x2d, const Tensor& lor
   }
   return cpu::fused_grad_a(grad_z, x_contig, dropout_p, params).to(lora_A.scalar_type());
 }
+
+namespace {
+
+using at::Tensor;
 
 // CPU tensors take the tiled path of csrc/cpu/lora_fused.cpp, except bf16 where the CPU has
 // native bf16 GEMMs: there whole-tensor bf16 GEMMs beat tiles of fp32 ones (measured: 1.45x

@@ -517,3 +517,30 @@ def test_cuda_norm_matches_cpu(dtype, regime, shape, layout):
 def test_extension_ops_have_cpu_kernels():
     for name in ("dora_weight_norm", "dora_linear_forward", "dora_linear_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_ext::{name}", "CPU"), name
+
+
+# Dropout takes the sparse correction (drop(x)·Wᵀ from the base output and the dropped
+# elements) up to p = 0.5 and the dense product above it; on CUDA, LORA_EXT_DORA_CUDA_SPARSE
+# forces either (auto: sparse for fp32/fp64). Every route gives PEFT's numbers and masks.
+DROPOUT_ROUTES = [pytest.param("cpu", "auto", id="cpu")] + [
+    pytest.param("cuda", value, id=f"cuda-sparse-{value}", marks=pytest.mark.gpu) for value in ("auto", "0", "1")]
+
+
+@pytest.mark.parametrize("device,cuda_sparse", DROPOUT_ROUTES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dropout_p", [0.05, 0.5, 0.7])
+@pytest.mark.parametrize("shape", [((3, 5, 37), 29, 7), ((2, 9, 300), 520, 16)], ids=["small", "tails"])
+def test_dora_dropout_routes_match_reference(monkeypatch, device, cuda_sparse, dtype, dropout_p, shape):
+    monkeypatch.setenv("LORA_EXT_DORA_CUDA_SPARSE", cuda_sparse)
+    x_shape, out_f, r = shape
+    inputs = DoraInputs(x_shape, out_f, r, dtype=dtype, device=device, bias=True)
+    assert_dora_matches_reference(inputs, dropout_p=dropout_p, seed=29, offset=3)
+
+
+@pytest.mark.gpu
+def test_dora_cuda_sparse_setting_checked(monkeypatch):
+    monkeypatch.setenv("LORA_EXT_DORA_CUDA_SPARSE", "yes")
+    inputs = DoraInputs((4, 13), 11, 3, dtype=torch.float32, device="cuda", bias=False)
+    with pytest.raises(RuntimeError, match="LORA_EXT_DORA_CUDA_SPARSE='yes' must be 0, 1 or auto"):
+        ops.dora_linear(inputs.x, inputs.weight, None, inputs.lora_A, inputs.lora_B, inputs.magnitude, 1.0,
+                        0.1, 3)

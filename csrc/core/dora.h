@@ -51,5 +51,17 @@ LORA_EXT_HD void dora_accumulate_squares(const Acc (&v)[R][C], Acc (&sq)[R][C]) 
   }
 }
 
+// DoRA's outputs under dropout at one element, from the base output b = x·Wᵀ (no bias) and the
+// product over the dropped elements s = (x ⊙ (1 - m))·Wᵀ, so that drop(x)·Wᵀ = (b - s) / q:
+//   hd = (b - s) / q + low_rank   (what the magnitude scales: its gradient needs it)
+//   y  = b + low_rank + (g - 1)·hd (y without bias)
+// One definition for the CPU epilogue and the CUDA kernel.
+template <typename Acc>
+LORA_EXT_HD void dora_dropout_outputs(Acc base, Acc dropped_product, Acc low_rank, Acc g_minus_1,
+                                      Acc q, Acc& hd, Acc& y) {
+  hd = (base - dropped_product) / q + low_rank;
+  y = base + low_rank + g_minus_1 * hd;
+}
+
 }  // namespace core
 }  // namespace lora_ext

@@ -9,6 +9,7 @@
 #include <memory>
 #include <vector>
 
+#include "../core/dora.h"
 #include "isa.h"
 #include "lora_linear.h"  // dropout_multipliers
 
@@ -169,11 +170,7 @@ LORA_EXT_FORCE_INLINE void epilogue_body(Acc* hd, Acc* base, const Acc* lr, cons
     Acc* h = hd + t * ld;
     Acc* b = base + t * ld;
     const Acc* l = lr + t * ld;
-    for (int64_t o = 0; o < width; ++o) {
-      const Acc v = (b[o] - h[o]) / q + l[o];
-      h[o] = v;
-      b[o] = b[o] + l[o] + gm1[o] * v;
-    }
+    for (int64_t o = 0; o < width; ++o) core::dora_dropout_outputs(b[o], h[o], l[o], gm1[o], q, h[o], b[o]);
   }
 }
 LORA_EXT_ISA_CLONES(void, epilogue_f32, (float* hd, float* base, const float* lr, const float* gm1,

@@ -3,6 +3,7 @@
 
 #include "../core/bgmv.h"
 #include "bgmv.cuh"
+#include "convert.cuh"
 #include "launch.cuh"
 
 namespace lora_ext {
@@ -11,33 +12,6 @@ namespace {
 
 constexpr int kWarps = 4;          // shrink: one warp per (row, rank) output
 constexpr int kExpandThreads = 256;  // expand: one thread per (row, output feature)
-
-template <typename T>
-struct Bgmv;
-template <>
-struct Bgmv<float> {
-  using Acc = float;
-  __device__ static float load(float v) { return v; }
-  __device__ static float store(float v) { return v; }
-};
-template <>
-struct Bgmv<double> {
-  using Acc = double;
-  __device__ static double load(double v) { return v; }
-  __device__ static double store(double v) { return v; }
-};
-template <>
-struct Bgmv<__half> {
-  using Acc = float;
-  __device__ static float load(__half v) { return __half2float(v); }
-  __device__ static __half store(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Bgmv<__nv_bfloat16> {
-  using Acc = float;
-  __device__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
 
 __device__ __forceinline__ int64_t row_slot(const RowAdapters& a, int64_t row) {
   int64_t index;
@@ -60,7 +34,7 @@ __device__ __forceinline__ Acc warp_sum(Acc v) {
 template <typename T>
 __global__ void shrink_kernel(const T* __restrict__ x, const T* __restrict__ A, T* __restrict__ z,
                               int64_t in, int64_t r, RowAdapters adapters) {
-  using C = Bgmv<T>;
+  using C = Convert<T>;
   using Acc = typename C::Acc;
   const int64_t t = blockIdx.x;
   const int64_t j = static_cast<int64_t>(blockIdx.y) * kWarps + threadIdx.x / 32;
@@ -81,7 +55,7 @@ template <typename T>
 __global__ void expand_kernel(T* __restrict__ y, const T* __restrict__ z, const T* __restrict__ B,
                               const float* __restrict__ scale, int64_t out, int64_t r,
                               RowAdapters adapters) {
-  using C = Bgmv<T>;
+  using C = Convert<T>;
   using Acc = typename C::Acc;
   extern __shared__ unsigned char smem_raw[];
   Acc* zs = reinterpret_cast<Acc*>(smem_raw);
@@ -112,7 +86,7 @@ cudaError_t shrink_typed(const void* x, const void* A, void* z, int64_t rows, in
 template <typename T>
 cudaError_t expand_typed(void* y, const void* z, const void* B, const float* scale, int64_t rows,
                          int64_t out, int64_t r, RowAdapters adapters, cudaStream_t stream) {
-  using Acc = typename Bgmv<T>::Acc;
+  using Acc = typename Convert<T>::Acc;
   const dim3 grid(static_cast<unsigned>(rows),
                   static_cast<unsigned>((out + kExpandThreads - 1) / kExpandThreads));
   const size_t smem = static_cast<size_t>(r) * sizeof(Acc);

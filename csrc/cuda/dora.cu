@@ -2,6 +2,7 @@
 #include <cuda_fp16.h>
 
 #include "../core/dora.h"
+#include "convert.cuh"
 #include "dora.cuh"
 #include "launch.cuh"
 
@@ -20,25 +21,6 @@ constexpr int kSteps = kDoraBlockCols / kStepCols;             // 4
 constexpr int kRankChunk = 16;                                 // rank streamed through smem
 static_assert(kWarps * kThreadRows == kDoraBlockRows, "block rows");
 
-template <typename T>
-struct Load;
-template <>
-struct Load<float> {
-  __device__ float operator()(float v) const { return v; }
-};
-template <>
-struct Load<double> {
-  __device__ double operator()(double v) const { return v; }
-};
-template <>
-struct Load<__half> {
-  __device__ float operator()(__half v) const { return __half2float(v); }
-};
-template <>
-struct Load<__nv_bfloat16> {
-  __device__ float operator()(__nv_bfloat16 v) const { return __bfloat162float(v); }
-};
-
 template <typename T, typename Acc, bool kColumnSums>
 __global__ void __launch_bounds__(kWarp * kWarps)
     dora_partial_kernel(const T* __restrict__ m, int64_t rows, int64_t n, int64_t ldm,
@@ -50,7 +32,7 @@ __global__ void __launch_bounds__(kWarp * kWarps)
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kWarp + tx;
   const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kDoraBlockRows;
   const int64_t block_col0 = static_cast<int64_t>(blockIdx.x) * kDoraBlockCols;
-  const Load<T> load;
+  const auto load = [](T v) { return Convert<T>::load(v); };
   Acc row_sq[kThreadRows] = {};
   Acc col_sq[kSteps][kThreadCols] = {};
 

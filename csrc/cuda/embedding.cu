@@ -2,6 +2,7 @@
 #include <cuda_fp16.h>
 
 #include "../core/embedding.h"
+#include "convert.cuh"
 #include "embedding.cuh"
 #include "launch.cuh"
 
@@ -10,29 +11,6 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;  // one thread per (row, output feature) / (position, column)
-
-template <typename T>
-struct Cvt;
-template <>
-struct Cvt<float> {
-  __device__ static float load(float v) { return v; }
-  __device__ static float store(float v) { return v; }
-};
-template <>
-struct Cvt<double> {
-  __device__ static double load(double v) { return v; }
-  __device__ static double store(double v) { return v; }
-};
-template <>
-struct Cvt<__half> {
-  __device__ static float load(__half v) { return __half2float(v); }
-  __device__ static __half store(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  __device__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
 
 template <typename T>
 using AccOf = typename core::EmbeddingAcc<T>::type;
@@ -51,14 +29,14 @@ __global__ void forward_kernel(const int64_t* __restrict__ idx, const TW* __rest
   const int64_t o = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t v = idx != nullptr ? idx[t] : t;
   if (!core::embedding_row_ok(v, num_embeddings)) {  // the whole block agrees
-    if (o < out) y[t * out + o] = Cvt<TW>::store(Acc(0));
+    if (o < out) y[t * out + o] = Convert<TW>::store(Acc(0));
     return;
   }
-  for (int64_t j = threadIdx.x; j < r; j += blockDim.x) a[j] = Cvt<TA>::load(A[j * sa0 + v * sa1]);
+  for (int64_t j = threadIdx.x; j < r; j += blockDim.x) a[j] = Convert<TA>::load(A[j * sa0 + v * sa1]);
   __syncthreads();
   if (o >= out) return;
-  const Acc term = core::embedding_lora_term(a, bt + o, out, r, [](TA b) { return static_cast<Acc>(Cvt<TA>::load(b)); });
-  y[t * out + o] = Cvt<TW>::store(Cvt<TW>::load(weight[v * ldw + o]) + scaling * term);
+  const Acc term = core::embedding_lora_term(a, bt + o, out, r, [](TA b) { return static_cast<Acc>(Convert<TA>::load(b)); });
+  y[t * out + o] = Convert<TW>::store(Convert<TW>::load(weight[v * ldw + o]) + scaling * term);
 }
 
 // grid (count, ceil(cols / kThreads)); the head position of each segment sums it.
@@ -77,8 +55,8 @@ __global__ void segment_sums_kernel(const TS* __restrict__ src, int64_t cols,
   }
   const int64_t end = core::embedding_segment_end(sorted, count, p);
   const Acc sum = core::embedding_segment_sum<Acc>(src, cols, c, perm, p, end,
-                                                   [](TS s) { return static_cast<Acc>(Cvt<TS>::load(s)); });
-  dst[v * stride_v + c * stride_c] = Cvt<TD>::store(scaling * sum);
+                                                   [](TS s) { return static_cast<Acc>(Convert<TS>::load(s)); });
+  dst[v * stride_v + c * stride_c] = Convert<TD>::store(scaling * sum);
 }
 
 template <typename TW, typename TA>

@@ -1,41 +1,15 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "lora_linear.cuh"
+#include "convert.cuh"
 #include "launch.cuh"
+#include "lora_linear.cuh"
 
 namespace lora_ext {
 namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T>
-struct Convert;
-template <>
-struct Convert<float> {
-  using Acc = float;
-  __device__ static float load(float v) { return v; }
-  __device__ static float store(float v) { return v; }
-};
-template <>
-struct Convert<double> {
-  using Acc = double;
-  __device__ static double load(double v) { return v; }
-  __device__ static double store(double v) { return v; }
-};
-template <>
-struct Convert<__half> {
-  using Acc = float;
-  __device__ static float load(__half v) { return __half2float(v); }
-  __device__ static __half store(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Convert<__nv_bfloat16> {
-  using Acc = float;
-  __device__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
 
 // One thread per group of four elements: one Philox call feeds four lanes.
 template <typename T>
@@ -233,18 +207,6 @@ cudaError_t grad_a_typed(const void* grad_z, const void* x, void* grad_A, void* 
   LORA_EXT_LAUNCH(grid_for(4 * len), kThreads, 0, stream, lora_grad_a_finish_kernel<T>)(
       partial, tiles, len, static_cast<T*>(grad_A));
   return cudaGetLastError();
-}
-
-// Calls f<T>() for the storage type named by dtype.
-template <typename F>
-cudaError_t by_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(float());
-    case DType::kFloat64: return f(double());
-    case DType::kFloat16: return f(__half());
-    case DType::kBFloat16: return f(__nv_bfloat16());
-  }
-  return cudaErrorInvalidValue;
 }
 
 template <typename T>

@@ -8,6 +8,7 @@
 
 #include "../core/nf4.h"
 #include "nf4.cuh"
+#include "convert.cuh"
 #include "launch.cuh"
 
 namespace lora_ext {
@@ -19,24 +20,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
 __constant__ float kCodeDev[core::kNF4Codes] = {LORA_EXT_NF4_CODE_VALUES};
-
-template <typename T>
-struct Conv;
-template <>
-struct Conv<float> {
-  __device__ static float load(float v) { return v; }
-  __device__ static float store(float v) { return v; }
-};
-template <>
-struct Conv<__half> {
-  __device__ static float load(__half v) { return __half2float(v); }
-  __device__ static __half store(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Conv<__nv_bfloat16> {
-  __device__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -69,7 +52,7 @@ __global__ void quantize_kernel(const T* __restrict__ x, int64_t n, int64_t bs, 
   const int64_t first = block * bs;
   const int64_t len = min(bs, n - first);
   float m = 0.0f;
-  for (int64_t i = lane; i < len; i += 32) m = core::absmax_fold(m, Conv<T>::load(x[first + i]));
+  for (int64_t i = lane; i < len; i += 32) m = core::absmax_fold(m, Convert<T>::load(x[first + i]));
   for (int offset = 16; offset > 0; offset >>= 1) {
     m = core::absmax_fold(m, __shfl_xor_sync(kFullMask, m, offset));
   }
@@ -77,8 +60,8 @@ __global__ void quantize_kernel(const T* __restrict__ x, int64_t n, int64_t bs, 
   const core::NF4Scaler scale = core::nf4_scaler(m, len < bs);
   for (int64_t j = lane; 2 * j < len; j += 32) {
     const int64_t e = first + 2 * j;
-    const uint8_t q0 = core::nf4_encode(scale(Conv<T>::load(x[e])), bounds);
-    const uint8_t q1 = 2 * j + 1 < len ? core::nf4_encode(scale(Conv<T>::load(x[e + 1])), bounds)
+    const uint8_t q0 = core::nf4_encode(scale(Convert<T>::load(x[e])), bounds);
+    const uint8_t q1 = 2 * j + 1 < len ? core::nf4_encode(scale(Convert<T>::load(x[e + 1])), bounds)
                                        : core::kNF4PadCode;
     packed[e >> 1] = core::nf4_pack(q0, q1);
   }
@@ -118,8 +101,8 @@ __global__ void dequant8_kernel(const uint8_t* __restrict__ packed, const float*
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const uint32_t byte = (word >> (8 * i)) & 0xFFu;
-      result.v[2 * i] = Conv<T>::store(core::nf4_value(kCodeDev, byte >> 4, s));
-      result.v[2 * i + 1] = Conv<T>::store(core::nf4_value(kCodeDev, byte & 15, s));
+      result.v[2 * i] = Convert<T>::store(core::nf4_value(kCodeDev, byte >> 4, s));
+      result.v[2 * i + 1] = Convert<T>::store(core::nf4_value(kCodeDev, byte & 15, s));
     }
     uint4* dst = reinterpret_cast<uint4*>(out + r * cols + c);
 #pragma unroll
@@ -136,7 +119,7 @@ __global__ void dequant1_kernel(const uint8_t* __restrict__ packed, const float*
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / cols, c = i - r * cols;
     const int64_t e = (row0 + r) * row_len + col0 + c;
-    out[i] = Conv<T>::store(core::nf4_value(kCodeDev, core::nf4_code_at(packed, e), absmax[e >> bs_shift]));
+    out[i] = Convert<T>::store(core::nf4_value(kCodeDev, core::nf4_code_at(packed, e), absmax[e >> bs_shift]));
   }
 }
 
@@ -180,7 +163,7 @@ __device__ __forceinline__ void load8(const T* p, float* f) {
     } data;
     data.u = *reinterpret_cast<const uint4*>(p);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) f[i] = Conv<T>::load(data.v[i]);
+    for (int i = 0; i < 8; ++i) f[i] = Convert<T>::load(data.v[i]);
   }
 }
 
@@ -229,7 +212,7 @@ __global__ void gemv_kernel(const T* __restrict__ x, int64_t in, const uint8_t* 
       const int64_t e = e0 + k;
       const float w = lut[core::nf4_code_at(packed, e)] * absmax[e >> bs_shift];
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] = fmaf(w, Conv<T>::load(x[r * in + k]), acc[r]);
+      for (int r = 0; r < R; ++r) acc[r] = fmaf(w, Convert<T>::load(x[r * in + k]), acc[r]);
     }
   }
 #pragma unroll
@@ -237,9 +220,9 @@ __global__ void gemv_kernel(const T* __restrict__ x, int64_t in, const uint8_t* 
     for (int offset = 16; offset > 0; offset >>= 1) acc[r] += __shfl_xor_sync(kFullMask, acc[r], offset);
   }
   if (lane == 0) {
-    const float b = bias != nullptr ? Conv<T>::load(bias[o]) : 0.0f;
+    const float b = bias != nullptr ? Convert<T>::load(bias[o]) : 0.0f;
 #pragma unroll
-    for (int r = 0; r < R; ++r) y[r * out + o] = Conv<T>::store(acc[r] + b);
+    for (int r = 0; r < R; ++r) y[r * out + o] = Convert<T>::store(acc[r] + b);
   }
 }
 
@@ -377,7 +360,7 @@ __device__ __forceinline__ void load_x_tile(const GemmArgs& a, int64_t m0, int64
       load8(x + m * a.k + k, v);
     } else {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = m < a.m && k + i < a.k ? Conv<T>::load(x[m * a.k + k + i]) : 0.0f;
+      for (int i = 0; i < 8; ++i) v[i] = m < a.m && k + i < a.k ? Convert<T>::load(x[m * a.k + k + i]) : 0.0f;
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) put(r, c + i, v[i]);
@@ -391,8 +374,8 @@ __device__ __forceinline__ void store_y(const GemmArgs& a, int64_t m, int64_t n,
     a.partial[(blockIdx.z * a.m + m) * a.n + n] = acc;
     return;
   }
-  const float b = a.bias != nullptr ? Conv<T>::load(static_cast<const T*>(a.bias)[n]) : 0.0f;
-  static_cast<T*>(a.y)[m * a.n + n] = Conv<T>::store(acc + b);
+  const float b = a.bias != nullptr ? Convert<T>::load(static_cast<const T*>(a.bias)[n]) : 0.0f;
+  static_cast<T*>(a.y)[m * a.n + n] = Convert<T>::store(acc + b);
 }
 
 // fp32 tiles in shared memory, k-major so that a thread reads its 4 x values and 4 weights
@@ -458,8 +441,8 @@ __device__ __forceinline__ void gemm_mma(const GemmArgs& a, bool w_vec, bool x_v
   const int64_t k_begin = blockIdx.z * a.k_split, k_end = a.k_split > 0 ? min(a.k, k_begin + a.k_split) : a.k;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kTileK) {
     __syncthreads();
-    load_x_tile<T>(a, m0, k0, x_vec, [&](int m, int k, float v) { xs[m][k] = Conv<T>::store(v); });
-    load_w_tile<kTransW>(a, lut, n0, k0, w_vec, [&](int n, int k, float v) { ws[n][k] = Conv<T>::store(v); });
+    load_x_tile<T>(a, m0, k0, x_vec, [&](int m, int k, float v) { xs[m][k] = Convert<T>::store(v); });
+    load_w_tile<kTransW>(a, lut, n0, k0, w_vec, [&](int n, int k, float v) { ws[n][k] = Convert<T>::store(v); });
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kTileK; kk += 16) {
@@ -508,7 +491,7 @@ __global__ void gemm_reduce_kernel(const float* __restrict__ partial, int64_t sp
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float sum = partial[i];
     for (int64_t z = 1; z < splits; ++z) sum += partial[z * total + i];
-    y[i] = Conv<T>::store(bias != nullptr ? sum + Conv<T>::load(bias[i % n]) : sum);
+    y[i] = Convert<T>::store(bias != nullptr ? sum + Convert<T>::load(bias[i % n]) : sum);
   }
 }
 
