@@ -5,6 +5,8 @@
 #   3. native core tests (ctest), when cmake is installed         ctest.log
 #   4. the GPU tests: pytest -m gpu                                pytest-gpu.log, pytest-gpu.xml
 #   5. the full benchmark, every family, on cuda                   bench.log, bench/*.json|png|md
+#   5b. DoRA with dropout: the sparse correction against the dense product (both forced)
+#                                                                  bench-dora-routes.log, bench-dora-routes/
 #   6. summary.md: the status of each step and the benchmark tables
 #
 #   scripts/gpu_run.sh [OUTDIR]      (default: $OUT when set, else benchmarks/results/gpu-run-<UTC date>/)
@@ -121,6 +123,13 @@ benchmark() {
     --no-progress --output "$OUTDIR/bench"
 }
 
+dora_routes() {
+  # Decides LORA_EXT_DORA_CUDA_SPARSE's default per dtype (csrc/dora.cpp: sparse_correction).
+  "$PYTHON" -m lora_ext.cli bench --device cuda --family dora --full --dropout 0.05 --no-progress \
+    --contestants base,peft_dora,lora_ext_dora,lora_ext_dora_sparse,lora_ext_dora_dense \
+    --max-seconds 45 --output "$OUTDIR/bench-dora-routes"
+}
+
 left() { local l=$((BUDGET_S - (SECONDS - start_all))); [ $l -lt 30 ] && l=30; echo $l; }
 cap() { local l; l=$(left); echo $(($1 < l ? $1 : l)); }  # a step's limit within what is left
 
@@ -128,6 +137,7 @@ step env 60 environment
 if step build 360 build; then
   step ctest "$(cap 120)" native_tests
   step pytest-gpu "$(cap 240)" gpu_tests
+  step bench-dora-routes "$(cap 75)" dora_routes
   step bench "$(left)" benchmark
 else
   echo "| (later steps) | skipped: the build failed | | |" >> "$SUMMARY"

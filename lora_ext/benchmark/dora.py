@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +91,33 @@ def _build_lora_ext_dora(case: Case, inp: DoraInputs) -> Runner:
     return Runner(_forward_backward(forward, [x, A, B, m], inp.grad_y), forward)
 
 
+def _cuda_only(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "the sparse/dense choice of DoRA's dropout applies to CUDA only (CPU: always sparse up to p = 0.5)"
+    return _lora_ext_available(device)
+
+
+def _build_lora_ext_dora_route(setting: str):
+    """Ours with LORA_EXT_DORA_CUDA_SPARSE=setting for every call (1: the sparse correction, 0: dense)."""
+    def build(case: Case, inp: DoraInputs) -> Runner:
+        runner = _build_lora_ext_dora(case, inp)
+
+        def routed(fn):
+            def call():
+                before = os.environ.get("LORA_EXT_DORA_CUDA_SPARSE")
+                os.environ["LORA_EXT_DORA_CUDA_SPARSE"] = setting
+                try:
+                    return fn()
+                finally:
+                    if before is None:
+                        del os.environ["LORA_EXT_DORA_CUDA_SPARSE"]
+                    else:
+                        os.environ["LORA_EXT_DORA_CUDA_SPARSE"] = before
+            return call
+        return Runner(routed(runner.step), routed(runner.forward))
+    return build
+
+
 def _build_norm(case: Case, inp: DoraInputs) -> Runner:
     from lora_ext.ops import dora_weight_norm
     W, A, B, s = inp.weight, inp.lora_A, inp.lora_B, inp.scaling
@@ -152,6 +180,10 @@ register_family(Family(
                    _lora_ext_available),
         Contestant("lora_ext_dora", "oursD", "lora_ext.ops.dora_linear (norm kernel + fused DoRA, norm "
                    "recomputed each step)", _build_lora_ext_dora, _lora_ext_available),
+        Contestant("lora_ext_dora_sparse", "oursDs", "ours on CUDA with the sparse dropout correction forced "
+                   "(LORA_EXT_DORA_CUDA_SPARSE=1)", _build_lora_ext_dora_route("1"), _cuda_only),
+        Contestant("lora_ext_dora_dense", "oursDd", "ours on CUDA with the dense dropout product forced "
+                   "(LORA_EXT_DORA_CUDA_SPARSE=0)", _build_lora_ext_dora_route("0"), _cuda_only),
         Contestant("norm", "norm", "lora_ext.ops.dora_weight_norm alone (W read once)", _build_norm,
                    _lora_ext_available),
         Contestant("norm_torch", "normT", "PEFT's way: torch.linalg.vector_norm(W + s*(B @ A), dim=1)",
@@ -166,6 +198,7 @@ register_family(Family(
     ratios=(("oursD/oursL", "lora_ext_dora", "lora_ext"),
             ("peftD/oursD (speedup)", "peft_dora", "lora_ext_dora"),
             ("peftD/peftL", "peft_dora", "peft_lora"),
+            ("dense/sparse (CUDA)", "lora_ext_dora_dense", "lora_ext_dora_sparse"),
             ("normT/norm", "norm_torch", "norm"),
             ("readW/norm (bw frac)", "read_w", "norm")),
     check=_dora_check,
