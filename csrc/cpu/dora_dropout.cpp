@@ -77,6 +77,28 @@ LORA_EXT_FORCE_INLINE void product_rows_tail_body(Acc* s, int64_t lds, const Acc
   }
 }
 
+// The lanes of a Vec64 added as a tree of halves (64 -> 32 -> 16 -> 8 bytes): four vector adds
+// where a lane-by-lane loop is fifteen dependent scalar adds (the compiler may not reorder them).
+template <typename Acc, int kBytes>
+LORA_EXT_FORCE_INLINE Acc horizontal_sum_bytes(const void* v) {
+  if constexpr (kBytes == static_cast<int>(sizeof(Acc))) {
+    Acc a;
+    std::memcpy(&a, v, sizeof(a));
+    return a;
+  } else {
+    typedef Acc half_t __attribute__((vector_size(kBytes / 2)));
+    half_t lo, hi;
+    std::memcpy(&lo, v, sizeof(lo));
+    std::memcpy(&hi, static_cast<const char*>(v) + sizeof(lo), sizeof(hi));
+    lo += hi;
+    return horizontal_sum_bytes<Acc, kBytes / 2>(&lo);
+  }
+}
+template <typename Acc>
+LORA_EXT_FORCE_INLINE Acc horizontal_sum(const typename Vec64<Acc>::type& v) {
+  return horizontal_sum_bytes<Acc, 64>(&v);
+}
+
 // partial[j] += gy[t, 0:width] · wt[k_j, 0:width] for the dropped elements j of rows [t0, t1)
 // (numbered from the chunk's first), wt and gy pointing at the block's first column.
 template <typename Acc>
@@ -96,9 +118,7 @@ LORA_EXT_FORCE_INLINE void dots_rows_full_body(Acc* partial, const Acc* gy, int6
         V::load(wj, w + j * V::kLanes);
         sum += g[j] * wj;
       }
-      Acc total = 0;
-      for (int64_t l = 0; l < V::kLanes; ++l) total += sum[l];
-      *partial++ += total;
+      *partial++ += horizontal_sum<Acc>(sum);
     }
   }
 }
