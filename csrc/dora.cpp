@@ -179,8 +179,7 @@ std::tuple<Tensor, Tensor, Tensor> dora_linear_forward(
     const Tensor z_acc = cpu::fused_shrink(x2d, lora_A, dropout_p, params);
     const Tensor low_rank = at::mm(z_acc, scaled_B_t.to(acc));
     Tensor y_acc = at::mm(x2d.to(gemm), weight.to(gemm).t()).to(acc).contiguous();  // x·Wᵀ, then y
-    const Tensor wt = weight.t().to(acc).contiguous();
-    const Tensor hd = cpu::dropout_corrected_outputs(x2d, wt, y_acc, low_rank, g.to(acc) - 1, dropout_p,
+    const Tensor hd = cpu::dropout_corrected_outputs(x2d, weight, y_acc, low_rank, g.to(acc) - 1, dropout_p,
                                                      cpu::DroppedElements(x2d.size(0), in, params));
     if (has_bias) y_acc.add_(*bias);
     z = z_acc.to(x.scalar_type());
@@ -281,8 +280,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
       grad_x = at::mm(grad_z / q, lora_A).to(gemm);
       cpu::zero_dropped(grad_x, dropped);
       grad_x.addmm_((g2d * ((g - 1) / q + 1)).to(gemm), weight.to(gemm));
-      const Tensor wt = weight.t().to(acc).contiguous();
-      cpu::subtract_dropped_dots(grad_x, (g2d * (g - 1)).to(acc), wt, 1.0 / q, dropped);
+      cpu::subtract_dropped_dots(grad_x, (g2d * (g - 1)).to(acc), weight, 1.0 / q, dropped);
       grad_x = grad_x.to(x.scalar_type());
     } else if (need_x) {
 #ifdef LORA_EXT_WITH_CUDA

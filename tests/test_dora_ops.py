@@ -544,3 +544,26 @@ def test_dora_cuda_sparse_setting_checked(monkeypatch):
     with pytest.raises(RuntimeError, match="LORA_EXT_DORA_CUDA_SPARSE='yes' must be 0, 1 or auto"):
         ops.dora_linear(inputs.x, inputs.weight, None, inputs.lora_A, inputs.lora_B, inputs.magnitude, 1.0,
                         0.1, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_dora_dropout_cpu_same_bits_for_any_thread_count(dtype):
+    # The CPU correction splits rows and column blocks into tasks and adds partial sums in a
+    # fixed order: one thread and several give the same bits. Shapes past one task each way
+    # (1024 rows, 8 column blocks of 64).
+    inputs = DoraInputs((1100, 70), 600, 5, dtype=dtype, bias=True)
+    grad_y = random_like((1100, 600), dtype, "cpu")
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            y, grads = _run(ops.dora_linear, inputs, grad_y, scaling=1.5, dropout_p=0.1, seed=7)
+            results.append((y, grads))
+    finally:
+        torch.set_num_threads(threads)
+    (y1, g1), (y3, g3) = results
+    assert torch.equal(y1, y3)
+    assert g1.keys() == g3.keys()
+    for name in g1:
+        assert torch.equal(g1[name], g3[name]), name

@@ -22,7 +22,6 @@ namespace {
 // drops an element reads them; one dropped element then costs kBlock FMAs from L2 per block
 // instead of a whole row of Wᵀ from memory.
 constexpr int64_t kBlock = 64;
-constexpr int64_t kRowChunk = 256;  // rows per task: tasks = column blocks x row chunks
 
 // A 64-byte vector of Acc in GCC's generic vector extension: each ISA clone lowers it to its
 // own registers (one zmm, two ymm or four xmm). Written this way because the plain loops were
@@ -37,20 +36,20 @@ struct Vec64 {
 };
 
 // s[t, 0:width] = Σ over row t's dropped k of x[t, k] · wt[k, 0:width] for rows [t0, t1), with
-// wt pointing at the block's first column (row stride ldw).
+// the values x[t, k] listed as the dropped elements are (vals) and wt pointing at the block's
+// first column (row stride ldw).
 template <typename Acc>
-LORA_EXT_FORCE_INLINE void product_rows_full_body(Acc* s, int64_t lds, const Acc* x, int64_t ldx,
-                                                  const Acc* wt, int64_t ldw,
-                                                  const DroppedElements* d, int64_t t0, int64_t t1,
-                                                  int64_t /*width == kBlock*/) {
+LORA_EXT_FORCE_INLINE void product_rows_full_body(Acc* s, int64_t lds, const Acc* vals, const Acc* wt,
+                                                  int64_t ldw, const DroppedElements* d, int64_t t0,
+                                                  int64_t t1, int64_t /*width == kBlock*/) {
   using V = Vec64<Acc>;
   for (int64_t t = t0; t < t1; ++t) {
     typename V::type acc[V::kPerBlock] = {};
     const int32_t* ks = d->row(t);
-    const Acc* xr = x + t * ldx;
+    const Acc* xr = vals + d->first(t);
     for (int32_t i = 0; i < d->count(t); ++i) {
       const Acc* w = wt + ks[i] * ldw;
-      const typename V::type a = typename V::type{} + xr[ks[i]];
+      const typename V::type a = typename V::type{} + xr[i];
       for (int64_t j = 0; j < V::kPerBlock; ++j) {
         typename V::type wj;
         V::load(wj, w + j * V::kLanes);
@@ -61,15 +60,14 @@ LORA_EXT_FORCE_INLINE void product_rows_full_body(Acc* s, int64_t lds, const Acc
   }
 }
 template <typename Acc>
-LORA_EXT_FORCE_INLINE void product_rows_tail_body(Acc* s, int64_t lds, const Acc* x, int64_t ldx,
-                                                  const Acc* wt, int64_t ldw,
-                                                  const DroppedElements* d, int64_t t0, int64_t t1,
-                                                  int64_t width) {
+LORA_EXT_FORCE_INLINE void product_rows_tail_body(Acc* s, int64_t lds, const Acc* vals, const Acc* wt,
+                                                  int64_t ldw, const DroppedElements* d, int64_t t0,
+                                                  int64_t t1, int64_t width) {
   for (int64_t t = t0; t < t1; ++t) {
     Acc acc[kBlock] = {};
     const int32_t* ks = d->row(t);
     for (int32_t i = 0; i < d->count(t); ++i) {
-      const Acc a = x[t * ldx + ks[i]];
+      const Acc a = vals[d->first(t) + i];
       const Acc* w = wt + ks[i] * ldw;
       for (int64_t o = 0; o < width; ++o) acc[o] += a * w[o];
     }
@@ -140,13 +138,13 @@ LORA_EXT_FORCE_INLINE void dots_rows_tail_body(Acc* partial, const Acc* gy, int6
 
 #define LORA_EXT_DORA_DROPOUT_CLONES(Acc, SUFFIX)                                                  \
   LORA_EXT_ISA_CLONES(void, product_rows_full_##SUFFIX,                                            \
-                      (Acc * s, int64_t lds, const Acc* x, int64_t ldx, const Acc* wt, int64_t ldw, \
+                      (Acc * s, int64_t lds, const Acc* vals, const Acc* wt, int64_t ldw,           \
                        const DroppedElements* d, int64_t t0, int64_t t1, int64_t width),           \
-                      (s, lds, x, ldx, wt, ldw, d, t0, t1, width), (product_rows_full_body<Acc>)) \
+                      (s, lds, vals, wt, ldw, d, t0, t1, width), (product_rows_full_body<Acc>))   \
   LORA_EXT_ISA_CLONES(void, product_rows_tail_##SUFFIX,                                            \
-                      (Acc * s, int64_t lds, const Acc* x, int64_t ldx, const Acc* wt, int64_t ldw, \
+                      (Acc * s, int64_t lds, const Acc* vals, const Acc* wt, int64_t ldw,           \
                        const DroppedElements* d, int64_t t0, int64_t t1, int64_t width),           \
-                      (s, lds, x, ldx, wt, ldw, d, t0, t1, width), (product_rows_tail_body<Acc>))     \
+                      (s, lds, vals, wt, ldw, d, t0, t1, width), (product_rows_tail_body<Acc>))   \
   LORA_EXT_ISA_CLONES(void, dots_rows_full_##SUFFIX,                                               \
                       (Acc * partial, const Acc* gy, int64_t ldg, const Acc* wt, int64_t ldw,       \
                        const DroppedElements* d, int64_t t0, int64_t t1, int64_t width),           \
@@ -159,15 +157,15 @@ LORA_EXT_DORA_DROPOUT_CLONES(float, f32)
 LORA_EXT_DORA_DROPOUT_CLONES(double, f64)
 #undef LORA_EXT_DORA_DROPOUT_CLONES
 
-void product_rows(float* s, int64_t lds, const float* x, int64_t ldx, const float* wt, int64_t ldw,
+void product_rows(float* s, int64_t lds, const float* vals, const float* wt, int64_t ldw,
                   const DroppedElements* d, int64_t t0, int64_t t1, int64_t width) {
-  (width == kBlock ? product_rows_full_f32 : product_rows_tail_f32)(s, lds, x, ldx, wt, ldw, d, t0,
-                                                                    t1, width);
+  (width == kBlock ? product_rows_full_f32 : product_rows_tail_f32)(s, lds, vals, wt, ldw, d, t0, t1,
+                                                                    width);
 }
-void product_rows(double* s, int64_t lds, const double* x, int64_t ldx, const double* wt,
-                  int64_t ldw, const DroppedElements* d, int64_t t0, int64_t t1, int64_t width) {
-  (width == kBlock ? product_rows_full_f64 : product_rows_tail_f64)(s, lds, x, ldx, wt, ldw, d, t0,
-                                                                    t1, width);
+void product_rows(double* s, int64_t lds, const double* vals, const double* wt, int64_t ldw,
+                  const DroppedElements* d, int64_t t0, int64_t t1, int64_t width) {
+  (width == kBlock ? product_rows_full_f64 : product_rows_tail_f64)(s, lds, vals, wt, ldw, d, t0, t1,
+                                                                    width);
 }
 void dots_rows(float* partial, const float* gy, int64_t ldg, const float* wt, int64_t ldw,
                const DroppedElements* d, int64_t t0, int64_t t1, int64_t width) {
@@ -209,6 +207,29 @@ inline void epilogue(double* hd, double* base, const double* lr, const double* g
 }
 
 int64_t blocks_of(int64_t n, int64_t block) { return (n + block - 1) / block; }
+
+// Rows per task: a task transposes its block of W once, so the fewer row chunks the fewer
+// passes over W; chunks still split the rows where the column blocks are few.
+constexpr int64_t kTaskRows = 1024;
+// Column blocks per task of the backward, whose dot products are partial sums per block: each
+// task keeps one partial per dropped element, and the tasks' partials are added in a fixed
+// order afterwards, so the result does not depend on the number of threads.
+constexpr int64_t kDotsBlocksPerTask = 8;
+
+// wtb[k * kBlock + o] = W[o0 + o, k] for o < width, k < in (W [out, in] row-major, storage type
+// T), in Acc: the block of Wᵀ a task works on. Tiles of 16 k keep the reads of each W row short
+// and the written lines of wtb in L1.
+template <typename T, typename Acc>
+void transpose_block(const T* w, int64_t in, int64_t o0, int64_t width, Acc* wtb) {
+  constexpr int64_t kTile = 16;
+  for (int64_t k0 = 0; k0 < in; k0 += kTile) {
+    const int64_t k1 = std::min(in, k0 + kTile);
+    for (int64_t o = 0; o < width; ++o) {
+      const T* row = w + (o0 + o) * in;
+      for (int64_t k = k0; k < k1; ++k) wtb[k * kBlock + o] = static_cast<Acc>(row[k]);
+    }
+  }
+}
 
 }  // namespace
 
@@ -255,72 +276,109 @@ void zero_dropped(at::Tensor& t2d, const DroppedElements& dropped) {
   });
 }
 
-at::Tensor dropout_corrected_outputs(const at::Tensor& x2d, const at::Tensor& wt, at::Tensor& base,
+at::Tensor DroppedElements::values(const at::Tensor& x2d, at::ScalarType acc) const {
+  const at::Tensor x = x2d.contiguous();
+  const int64_t rows = x.size(0), in = x.size(1);
+  at::Tensor vals = at::empty({total()}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_ext_dropped_values", [&] {
+    using T = scalar_t;
+    const T* xs = x.const_data_ptr<T>();
+    AT_DISPATCH_FLOATING_TYPES(acc, "lora_ext_dropped_values_acc", [&] {
+      scalar_t* v = vals.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, rows, 64, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int32_t* ks = row(t);
+          for (int32_t i = 0; i < count(t); ++i) v[first(t) + i] = static_cast<scalar_t>(xs[t * in + ks[i]]);
+        }
+      });
+    });
+  });
+  return vals;
+}
+
+at::Tensor dropout_corrected_outputs(const at::Tensor& x2d, const at::Tensor& weight_in, at::Tensor& base,
                                      const at::Tensor& low_rank, const at::Tensor& g_minus_1,
                                      double dropout_p, const DroppedElements& dropped) {
-  const int64_t rows = x2d.size(0), in = x2d.size(1), out = wt.size(1);
-  const at::Tensor x = x2d.to(wt.scalar_type()).contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const int64_t rows = x2d.size(0), in = x2d.size(1), out = weight.size(0);
+  const at::ScalarType acc = base.scalar_type();
+  const at::Tensor vals = dropped.values(x2d, acc);
   const at::Tensor lr = low_rank.contiguous(), gm1 = g_minus_1.contiguous();
-  at::Tensor hd = at::empty({rows, out}, wt.options());
+  at::Tensor hd = at::empty({rows, out}, base.options());
   if (rows == 0 || out == 0) return hd;
-  const int64_t col_blocks = blocks_of(out, kBlock), row_chunks = blocks_of(rows, kRowChunk);
-  AT_DISPATCH_FLOATING_TYPES(wt.scalar_type(), "lora_ext_dropout_corrected_outputs", [&] {
-    const scalar_t* xs = x.const_data_ptr<scalar_t>();
-    const scalar_t* w = wt.const_data_ptr<scalar_t>();
-    const scalar_t* l = lr.const_data_ptr<scalar_t>();
-    const scalar_t* g = gm1.const_data_ptr<scalar_t>();
-    const scalar_t q = static_cast<scalar_t>(1.0 - dropout_p);
-    scalar_t* h = hd.mutable_data_ptr<scalar_t>();
-    scalar_t* b = base.mutable_data_ptr<scalar_t>();
-    // Column blocks inside row chunks: the tasks of one chunk share its rows of x and its masks.
-    at::parallel_for(0, col_blocks * row_chunks, 1, [&](int64_t first, int64_t last) {
-      for (int64_t task = first; task < last; ++task) {
-        const int64_t o0 = (task % col_blocks) * kBlock, t0 = (task / col_blocks) * kRowChunk;
-        const int64_t t1 = std::min(rows, t0 + kRowChunk), width = std::min(kBlock, out - o0);
-        product_rows(h + o0, out, xs, in, w + o0, out, &dropped, t0, t1, width);
-        epilogue(h + o0, b + o0, l + o0, g + o0, out, q, t0, t1, width);
-      }
+  const int64_t col_blocks = blocks_of(out, kBlock), row_chunks = blocks_of(rows, kTaskRows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "lora_ext_dropout_corrected_outputs", [&] {
+    using T = scalar_t;
+    const T* w = weight.const_data_ptr<T>();
+    AT_DISPATCH_FLOATING_TYPES(acc, "lora_ext_dropout_corrected_outputs_acc", [&] {
+      const scalar_t* v = vals.const_data_ptr<scalar_t>();
+      const scalar_t* l = lr.const_data_ptr<scalar_t>();
+      const scalar_t* g = gm1.const_data_ptr<scalar_t>();
+      const scalar_t q = static_cast<scalar_t>(1.0 - dropout_p);
+      scalar_t* h = hd.mutable_data_ptr<scalar_t>();
+      scalar_t* b = base.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, col_blocks * row_chunks, 1, [&](int64_t first, int64_t last) {
+        std::vector<scalar_t> wtb(static_cast<size_t>(in * kBlock));
+        for (int64_t task = first; task < last; ++task) {
+          const int64_t o0 = (task % col_blocks) * kBlock, t0 = (task / col_blocks) * kTaskRows;
+          const int64_t t1 = std::min(rows, t0 + kTaskRows), width = std::min(kBlock, out - o0);
+          transpose_block(w, in, o0, width, wtb.data());
+          product_rows(h + o0, out, v, wtb.data(), kBlock, &dropped, t0, t1, width);
+          epilogue(h + o0, b + o0, l + o0, g + o0, out, q, t0, t1, width);
+        }
+      });
     });
   });
   return hd;
 }
 
-void subtract_dropped_dots(at::Tensor& grad_x, const at::Tensor& gy, const at::Tensor& wt,
+void subtract_dropped_dots(at::Tensor& grad_x, const at::Tensor& gy, const at::Tensor& weight_in,
                            double factor, const DroppedElements& dropped) {
-  const int64_t rows = grad_x.size(0), in = grad_x.size(1), out = wt.size(1);
-  if (rows == 0 || in == 0) return;
+  const at::Tensor weight = weight_in.contiguous();
+  const int64_t rows = grad_x.size(0), in = grad_x.size(1), out = weight.size(0);
+  if (rows == 0 || in == 0 || dropped.total() == 0) return;
   const at::Tensor g = gy.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(),
-                                  "lora_ext_subtract_dropped_dots", [&] {
-    using Grad = scalar_t;
-    Grad* gx = grad_x.mutable_data_ptr<Grad>();
-    AT_DISPATCH_FLOATING_TYPES(wt.scalar_type(), "lora_ext_subtract_dropped_dots_acc", [&] {
+  const int64_t col_blocks = blocks_of(out, kBlock), row_chunks = blocks_of(rows, kTaskRows);
+  const int64_t groups = std::max<int64_t>(1, blocks_of(col_blocks, kDotsBlocksPerTask));
+  // partial[group][j]: the dot product of dropped element j over the columns of one group.
+  at::Tensor partial = at::empty({groups, dropped.total()}, g.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "lora_ext_subtract_dropped_dots", [&] {
+    using T = scalar_t;
+    const T* w = weight.const_data_ptr<T>();
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "lora_ext_subtract_dropped_dots_acc", [&] {
       using Acc = scalar_t;
       const Acc* gp = g.const_data_ptr<Acc>();
-      const Acc* w = wt.const_data_ptr<Acc>();
-      const Acc f = static_cast<Acc>(factor);
-      // A task owns a chunk of rows (so it alone writes their grad_x) and walks the column
-      // blocks, each dot product summed block by block into its own partial.
-      at::parallel_for(0, blocks_of(rows, kRowChunk), 1, [&](int64_t first, int64_t last) {
-        std::vector<Acc> partial;
-        for (int64_t chunk = first; chunk < last; ++chunk) {
-          const int64_t t0 = chunk * kRowChunk, t1 = std::min(rows, t0 + kRowChunk);
-          int64_t n = 0;
-          for (int64_t t = t0; t < t1; ++t) n += dropped.count(t);
-          partial.assign(static_cast<size_t>(n), Acc(0));
-          for (int64_t o0 = 0; o0 < out; o0 += kBlock) {
-            dots_rows(partial.data(), gp + o0, out, w + o0, out, &dropped, t0, t1,
-                      std::min(kBlock, out - o0));
+      Acc* parts = partial.mutable_data_ptr<Acc>();
+      at::parallel_for(0, groups * row_chunks, 1, [&](int64_t first, int64_t last) {
+        std::vector<Acc> wtb(static_cast<size_t>(in * kBlock));
+        for (int64_t task = first; task < last; ++task) {
+          const int64_t group = task % groups, t0 = (task / groups) * kTaskRows;
+          const int64_t t1 = std::min(rows, t0 + kTaskRows);
+          Acc* mine = parts + group * dropped.total() + dropped.first(t0);
+          std::fill(mine, parts + group * dropped.total() + dropped.first(t1), Acc(0));
+          const int64_t b1 = std::min(col_blocks, (group + 1) * kDotsBlocksPerTask);
+          for (int64_t block = group * kDotsBlocksPerTask; block < b1; ++block) {
+            const int64_t o0 = block * kBlock, width = std::min(kBlock, out - o0);
+            transpose_block(w, in, o0, width, wtb.data());
+            dots_rows(mine, gp + o0, out, wtb.data(), kBlock, &dropped, t0, t1, width);
           }
-          const Acc* sum = partial.data();
+        }
+      });
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "lora_ext_subtract_dropped_dots_out", [&] {
+        scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
+        const Acc f = static_cast<Acc>(factor);
+        at::parallel_for(0, rows, 64, [&](int64_t t0, int64_t t1) {
           for (int64_t t = t0; t < t1; ++t) {
             const int32_t* ks = dropped.row(t);
             for (int32_t i = 0; i < dropped.count(t); ++i) {
-              Grad& e = gx[t * in + ks[i]];
-              e = static_cast<Grad>(static_cast<Acc>(e) - f * *sum++);
+              const int64_t j = dropped.first(t) + i;
+              Acc sum = parts[j];
+              for (int64_t group = 1; group < groups; ++group) sum += parts[group * dropped.total() + j];
+              scalar_t& e = gx[t * in + ks[i]];
+              e = static_cast<scalar_t>(static_cast<Acc>(e) - f * sum);
             }
           }
-        }
+        });
       });
     });
   });
