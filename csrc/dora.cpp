@@ -177,14 +177,16 @@ std::tuple<Tensor, Tensor, Tensor> dora_linear_forward(
     const auto params = core::make_dropout_params(dropout_p, seed, offset);
     const auto acc = acc_type(x.scalar_type());
     const Tensor z_acc = cpu::fused_shrink(x2d, lora_A, dropout_p, params);
-    const Tensor low_rank = at::mm(z_acc, scaled_B_t.to(acc));
-    Tensor y_acc = at::mm(x2d.to(gemm), weight.to(gemm).t()).to(acc).contiguous();  // x·Wᵀ, then y
-    const Tensor hd = cpu::dropout_corrected_outputs(x2d, weight, y_acc, low_rank, g.to(acc) - 1, dropout_p,
-                                                     cpu::DroppedElements(x2d.size(0), in, params));
-    if (has_bias) y_acc.add_(*bias);
+    // x·Wᵀ in the GEMM's dtype, then y in place: the low-rank term, the correction and the bias
+    // are added per block of columns, with no [rows, out] temporary.
+    Tensor y_g = at::mm(x2d.to(gemm), weight.to(gemm).t());
+    if (y_g.scalar_type() != acc && y_g.scalar_type() != at::kBFloat16) y_g = y_g.to(acc);
+    const Tensor hd = cpu::dropout_corrected_outputs(
+        x2d, weight, y_g, z_acc, scaled_B_t.to(acc), g.to(acc) - 1, has_bias ? *bias : Tensor(), dropout_p,
+        cpu::DroppedElements(x2d.size(0), in, params));
     z = z_acc.to(x.scalar_type());
     hm = hd.to(x.scalar_type());
-    y = y_acc.to(x.scalar_type());
+    y = y_g.to(x.scalar_type());
   } else if (sparse_correction(x, dropout_p)) {
 #ifdef LORA_EXT_WITH_CUDA
     // The same correction on CUDA: x·Wᵀ from cuBLAS, then one kernel forms the product over the

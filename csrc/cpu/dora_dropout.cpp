@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "../core/dora.h"
@@ -35,7 +36,7 @@ struct Vec64 {
   static LORA_EXT_FORCE_INLINE void load(type& v, const Acc* p) { std::memcpy(&v, p, sizeof(v)); }
 };
 
-// s[t, 0:width] = Σ over row t's dropped k of x[t, k] · wt[k, 0:width] for rows [t0, t1), with
+// s[t - t0, 0:width] = Σ over row t's dropped k of x[t, k] · wt[k, 0:width] for rows [t0, t1), with
 // the values x[t, k] listed as the dropped elements are (vals) and wt pointing at the block's
 // first column (row stride ldw).
 template <typename Acc>
@@ -56,7 +57,7 @@ LORA_EXT_FORCE_INLINE void product_rows_full_body(Acc* s, int64_t lds, const Acc
         acc[j] += a * wj;
       }
     }
-    std::memcpy(s + t * lds, acc, sizeof(acc));
+    std::memcpy(s + (t - t0) * lds, acc, sizeof(acc));
   }
 }
 template <typename Acc>
@@ -71,7 +72,7 @@ LORA_EXT_FORCE_INLINE void product_rows_tail_body(Acc* s, int64_t lds, const Acc
       const Acc* w = wt + ks[i] * ldw;
       for (int64_t o = 0; o < width; ++o) acc[o] += a * w[o];
     }
-    for (int64_t o = 0; o < width; ++o) s[t * lds + o] = acc[o];
+    for (int64_t o = 0; o < width; ++o) s[(t - t0) * lds + o] = acc[o];
   }
 }
 
@@ -178,32 +179,58 @@ void dots_rows(double* partial, const double* gy, int64_t ldg, const double* wt,
                                                               width);
 }
 
-// On a block of rows [t0, t1) x columns [0, width) (pointers at its first column, all with row
-// stride ld), with hd holding S on entry: hd = (base - S) / q + lr and base = base + lr +
-// gm1 ⊙ hd, the DoRA outputs, while the block is still in cache.
-template <typename Acc>
-LORA_EXT_FORCE_INLINE void epilogue_body(Acc* hd, Acc* base, const Acc* lr, const Acc* gm1,
+// The forward's epilogue on a block of rows [t0, t1) x columns [0, width), while it is in cache:
+// the low-rank term lr = z[t]·sbt[:, o] (z [rows, r], sbt = s·Bᵀ [r, ldb]), then with S from s
+// (rows from t0, row stride kBlock) core::dora_dropout_outputs and the bias; y is written over
+// base and hd beside it, both [rows, ld] in the GEMM's dtype T. Pointers are at the block's
+// first column (z at row 0).
+template <typename Acc, typename T>
+LORA_EXT_FORCE_INLINE void epilogue_body(const Acc* s, T* base, T* hd, const Acc* z, int64_t r,
+                                         const Acc* sbt, int64_t ldb, const Acc* gm1, const Acc* bias,
                                          int64_t ld, Acc q, int64_t t0, int64_t t1, int64_t width) {
+  Acc lr[kBlock];
   for (int64_t t = t0; t < t1; ++t) {
-    Acc* h = hd + t * ld;
-    Acc* b = base + t * ld;
-    const Acc* l = lr + t * ld;
-    for (int64_t o = 0; o < width; ++o) core::dora_dropout_outputs(b[o], h[o], l[o], gm1[o], q, h[o], b[o]);
+    for (int64_t o = 0; o < width; ++o) lr[o] = Acc(0);
+    for (int64_t j = 0; j < r; ++j) {
+      const Acc zj = z[t * r + j];
+      const Acc* b = sbt + j * ldb;
+      for (int64_t o = 0; o < width; ++o) lr[o] += zj * b[o];
+    }
+    const Acc* st = s + (t - t0) * kBlock;
+    T* bt = base + t * ld;
+    T* ht = hd + t * ld;
+    for (int64_t o = 0; o < width; ++o) {
+      Acc h, y;
+      core::dora_dropout_outputs(static_cast<Acc>(bt[o]), st[o], lr[o], gm1[o], q, h, y);
+      ht[o] = static_cast<T>(h);
+      bt[o] = static_cast<T>(y + bias[o]);
+    }
   }
 }
-LORA_EXT_ISA_CLONES(void, epilogue_f32, (float* hd, float* base, const float* lr, const float* gm1,
-                    int64_t ld, float q, int64_t t0, int64_t t1, int64_t width),
-                    (hd, base, lr, gm1, ld, q, t0, t1, width), epilogue_body<float>)
-LORA_EXT_ISA_CLONES(void, epilogue_f64, (double* hd, double* base, const double* lr,
-                    const double* gm1, int64_t ld, double q, int64_t t0, int64_t t1, int64_t width),
-                    (hd, base, lr, gm1, ld, q, t0, t1, width), epilogue_body<double>)
-inline void epilogue(float* hd, float* base, const float* lr, const float* gm1, int64_t ld, float q,
-                     int64_t t0, int64_t t1, int64_t width) {
-  epilogue_f32(hd, base, lr, gm1, ld, q, t0, t1, width);
-}
-inline void epilogue(double* hd, double* base, const double* lr, const double* gm1, int64_t ld,
-                     double q, int64_t t0, int64_t t1, int64_t width) {
-  epilogue_f64(hd, base, lr, gm1, ld, q, t0, t1, width);
+#define LORA_EXT_EPILOGUE_CLONES(Acc, T, SUFFIX)                                                       \
+  LORA_EXT_ISA_CLONES(void, epilogue_##SUFFIX,                                                         \
+                      (const Acc* s, T* base, T* hd, const Acc* z, int64_t r, const Acc* sbt,          \
+                       int64_t ldb, const Acc* gm1, const Acc* bias, int64_t ld, Acc q, int64_t t0,    \
+                       int64_t t1, int64_t width),                                                     \
+                      (s, base, hd, z, r, sbt, ldb, gm1, bias, ld, q, t0, t1, width),                  \
+                      (epilogue_body<Acc, T>))
+LORA_EXT_EPILOGUE_CLONES(float, float, f32)
+LORA_EXT_EPILOGUE_CLONES(double, double, f64)
+LORA_EXT_EPILOGUE_CLONES(float, c10::BFloat16, bf16)  // native bf16 GEMMs (base_gemm_type)
+#undef LORA_EXT_EPILOGUE_CLONES
+
+// The clone for (Acc, T); the other pairs never reach here (dropout_corrected_outputs checks).
+template <typename Acc, typename T, typename... Args>
+void epilogue(Args... args) {
+  if constexpr (std::is_same<Acc, float>::value && std::is_same<T, float>::value) {
+    epilogue_f32(args...);
+  } else if constexpr (std::is_same<Acc, double>::value && std::is_same<T, double>::value) {
+    epilogue_f64(args...);
+  } else if constexpr (std::is_same<Acc, float>::value && std::is_same<T, c10::BFloat16>::value) {
+    epilogue_bf16(args...);
+  } else {
+    TORCH_CHECK(false, "dora_dropout: no epilogue for this pair of dtypes");
+  }
 }
 
 int64_t blocks_of(int64_t n, int64_t block) { return (n + block - 1) / block; }
@@ -297,35 +324,43 @@ at::Tensor DroppedElements::values(const at::Tensor& x2d, at::ScalarType acc) co
 }
 
 at::Tensor dropout_corrected_outputs(const at::Tensor& x2d, const at::Tensor& weight_in, at::Tensor& base,
-                                     const at::Tensor& low_rank, const at::Tensor& g_minus_1,
+                                     const at::Tensor& z, const at::Tensor& scaled_b_t,
+                                     const at::Tensor& g_minus_1, const at::Tensor& bias,
                                      double dropout_p, const DroppedElements& dropped) {
   const at::Tensor weight = weight_in.contiguous();
-  const int64_t rows = x2d.size(0), in = x2d.size(1), out = weight.size(0);
-  const at::ScalarType acc = base.scalar_type();
+  const int64_t rows = x2d.size(0), in = x2d.size(1), out = weight.size(0), r = z.size(1);
+  const at::ScalarType acc = z.scalar_type();
+  TORCH_CHECK(base.scalar_type() == acc || base.scalar_type() == at::kBFloat16,
+              "dropout_corrected_outputs: base must be in the accumulation dtype or bf16");
   const at::Tensor vals = dropped.values(x2d, acc);
-  const at::Tensor lr = low_rank.contiguous(), gm1 = g_minus_1.contiguous();
+  const at::Tensor zc = z.contiguous(), sbt = scaled_b_t.contiguous(), gm1 = g_minus_1.contiguous();
+  const at::Tensor b = bias.defined() ? bias.to(acc).contiguous() : at::zeros({out}, z.options());
   at::Tensor hd = at::empty({rows, out}, base.options());
   if (rows == 0 || out == 0) return hd;
   const int64_t col_blocks = blocks_of(out, kBlock), row_chunks = blocks_of(rows, kTaskRows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "lora_ext_dropout_corrected_outputs", [&] {
-    using T = scalar_t;
-    const T* w = weight.const_data_ptr<T>();
+    using W = scalar_t;
+    const W* w = weight.const_data_ptr<W>();
     AT_DISPATCH_FLOATING_TYPES(acc, "lora_ext_dropout_corrected_outputs_acc", [&] {
-      const scalar_t* v = vals.const_data_ptr<scalar_t>();
-      const scalar_t* l = lr.const_data_ptr<scalar_t>();
-      const scalar_t* g = gm1.const_data_ptr<scalar_t>();
-      const scalar_t q = static_cast<scalar_t>(1.0 - dropout_p);
-      scalar_t* h = hd.mutable_data_ptr<scalar_t>();
-      scalar_t* b = base.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, col_blocks * row_chunks, 1, [&](int64_t first, int64_t last) {
-        std::vector<scalar_t> wtb(static_cast<size_t>(in * kBlock));
-        for (int64_t task = first; task < last; ++task) {
-          const int64_t o0 = (task % col_blocks) * kBlock, t0 = (task / col_blocks) * kTaskRows;
-          const int64_t t1 = std::min(rows, t0 + kTaskRows), width = std::min(kBlock, out - o0);
-          transpose_block(w, in, o0, width, wtb.data());
-          product_rows(h + o0, out, v, wtb.data(), kBlock, &dropped, t0, t1, width);
-          epilogue(h + o0, b + o0, l + o0, g + o0, out, q, t0, t1, width);
-        }
+      using Acc = scalar_t;
+      const Acc* v = vals.const_data_ptr<Acc>();
+      const Acc q = static_cast<Acc>(1.0 - dropout_p);
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, base.scalar_type(), "lora_ext_dropout_corrected_outputs_out", [&] {
+        using T = scalar_t;
+        T* y = base.mutable_data_ptr<T>();
+        T* h = hd.mutable_data_ptr<T>();
+        at::parallel_for(0, col_blocks * row_chunks, 1, [&](int64_t first, int64_t last) {
+          std::vector<Acc> wtb(static_cast<size_t>(in * kBlock)), sums(static_cast<size_t>(kTaskRows * kBlock));
+          for (int64_t task = first; task < last; ++task) {
+            const int64_t o0 = (task % col_blocks) * kBlock, t0 = (task / col_blocks) * kTaskRows;
+            const int64_t t1 = std::min(rows, t0 + kTaskRows), width = std::min(kBlock, out - o0);
+            transpose_block(w, in, o0, width, wtb.data());
+            product_rows(sums.data(), kBlock, v, wtb.data(), kBlock, &dropped, t0, t1, width);
+            epilogue<Acc, T>(static_cast<const Acc*>(sums.data()), y + o0, h + o0, zc.const_data_ptr<Acc>(), r,
+                             sbt.const_data_ptr<Acc>() + o0, out, gm1.const_data_ptr<Acc>() + o0,
+                             b.const_data_ptr<Acc>() + o0, out, q, t0, t1, width);
+          }
+        });
       });
     });
   });

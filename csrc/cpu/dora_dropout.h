@@ -39,11 +39,15 @@ class DroppedElements {
 void zero_dropped(at::Tensor& t2d, const DroppedElements& dropped);
 
 // DoRA's forward with dropout from the base output. With S[t] = Σ over dropped k of
-// x[t, k] · W[:, k] (never stored whole): returns hd = (base - S) / q + low_rank, and turns base
-// into base + low_rank + g_minus_1 ⊙ hd (y without bias). base, low_rank [rows, out] and
-// g_minus_1 [out] are contiguous, in the accumulation dtype (float, or double for double).
+// x[t, k] · W[:, k] (never stored whole) and the low-rank term lr = z·scaled_b_t (never stored
+// either): returns hd = (base - S) / q + lr, and turns base into base + lr + g_minus_1 ⊙ hd +
+// bias, all per block of columns in cache. base [rows, out] (x·Wᵀ from the GEMM) is contiguous
+// in the accumulation dtype or bf16, and hd comes in base's dtype; z [rows, r], scaled_b_t
+// [r, out] (s·Bᵀ) and g_minus_1 [out] are in the accumulation dtype (float, or double for
+// double); bias [out] may be undefined.
 at::Tensor dropout_corrected_outputs(const at::Tensor& x2d, const at::Tensor& weight, at::Tensor& base,
-                                     const at::Tensor& low_rank, const at::Tensor& g_minus_1,
+                                     const at::Tensor& z, const at::Tensor& scaled_b_t,
+                                     const at::Tensor& g_minus_1, const at::Tensor& bias,
                                      double dropout_p, const DroppedElements& dropped);
 
 // In place, for every dropped (t, k): grad_x[t, k] -= factor · (gy[t] · W[:, k]), gy [rows, out]
