@@ -245,16 +245,98 @@ constexpr int64_t kDotsBlocksPerTask = 8;
 
 // wtb[k * kBlock + o] = W[o0 + o, k] for o < width, k < in (W [out, in] row-major, storage type
 // T), in Acc: the block of Wᵀ a task works on. Tiles of 16 k keep the reads of each W row short
-// and the written lines of wtb in L1.
+// and the written lines of wtb in L1; with float accumulators, whole 16 x 16 tiles are
+// transposed in registers (below).
 template <typename T, typename Acc>
-void transpose_block(const T* w, int64_t in, int64_t o0, int64_t width, Acc* wtb) {
+LORA_EXT_FORCE_INLINE void transpose_block_scalar(const T* w, int64_t in, int64_t o0, int64_t o_begin,
+                                                  int64_t width, int64_t k_begin, Acc* wtb) {
   constexpr int64_t kTile = 16;
   for (int64_t k0 = 0; k0 < in; k0 += kTile) {
     const int64_t k1 = std::min(in, k0 + kTile);
+    // Columns past o_begin for every k; before it, only the k from k_begin (the rest is done).
     for (int64_t o = 0; o < width; ++o) {
+      if (o < o_begin && k1 <= k_begin) continue;
       const T* row = w + (o0 + o) * in;
-      for (int64_t k = k0; k < k1; ++k) wtb[k * kBlock + o] = static_cast<Acc>(row[k]);
+      for (int64_t k = (o < o_begin ? std::max(k0, k_begin) : k0); k < k1; ++k) {
+        wtb[k * kBlock + o] = static_cast<Acc>(row[k]);
+      }
     }
+  }
+}
+
+// One stage of a 16 x 16 transpose in registers: rows a and b exchange blocks of h lanes, so
+// that after the stages h = 8, 4, 2, 1 row i holds column i (recursive block transpose: the
+// off-diagonal blocks swap, then each block is transposed the same way).
+typedef float F16x __attribute__((vector_size(64)));
+#define LORA_EXT_LO(h, l) (((l) / (2 * (h))) * 2 * (h) + ((l) % (2 * (h)) < (h) ? (l) % (2 * (h)) : 16 + (l) % (2 * (h)) - (h)))
+#define LORA_EXT_HI(h, l) (LORA_EXT_LO(h, l) + (h))
+#define LORA_EXT_LANES(F, h)                                                                       \
+  F(h, 0), F(h, 1), F(h, 2), F(h, 3), F(h, 4), F(h, 5), F(h, 6), F(h, 7), F(h, 8), F(h, 9), F(h, 10), \
+      F(h, 11), F(h, 12), F(h, 13), F(h, 14), F(h, 15)
+template <int kH>
+LORA_EXT_FORCE_INLINE void transpose_stage(F16x (&v)[16]) {
+  for (int i = 0; i < 16; ++i) {
+    if (i & kH) continue;
+    const F16x a = v[i], b = v[i + kH];
+    v[i] = __builtin_shufflevector(a, b, LORA_EXT_LANES(LORA_EXT_LO, kH));
+    v[i + kH] = __builtin_shufflevector(a, b, LORA_EXT_LANES(LORA_EXT_HI, kH));
+  }
+}
+#undef LORA_EXT_LANES
+#undef LORA_EXT_HI
+#undef LORA_EXT_LO
+
+template <typename T>
+LORA_EXT_FORCE_INLINE F16x load_as_float(const T* p) {
+  float tmp[16];
+  for (int l = 0; l < 16; ++l) tmp[l] = static_cast<float>(p[l]);
+  F16x v;
+  std::memcpy(&v, tmp, sizeof(v));
+  return v;
+}
+
+template <typename T, typename Acc>
+LORA_EXT_FORCE_INLINE void transpose_block_body(const T* w, int64_t in, int64_t o0, int64_t width, Acc* wtb) {
+  if constexpr (std::is_same<Acc, float>::value) {
+    const int64_t o_full = width / 16 * 16, k_full = in / 16 * 16;
+    for (int64_t k0 = 0; k0 < k_full; k0 += 16) {
+      for (int64_t ob = 0; ob < o_full; ob += 16) {
+        F16x v[16];
+        for (int i = 0; i < 16; ++i) v[i] = load_as_float(w + (o0 + ob + i) * in + k0);
+        transpose_stage<8>(v);
+        transpose_stage<4>(v);
+        transpose_stage<2>(v);
+        transpose_stage<1>(v);
+        for (int i = 0; i < 16; ++i) std::memcpy(wtb + (k0 + i) * kBlock + ob, &v[i], sizeof(v[i]));
+      }
+    }
+    transpose_block_scalar(w, in, o0, o_full, width, k_full, wtb);  // the tails
+  } else {
+    transpose_block_scalar(w, in, o0, 0, width, 0, wtb);
+  }
+}
+#define LORA_EXT_TRANSPOSE_CLONES(T, Acc, SUFFIX)                                                   \
+  LORA_EXT_ISA_CLONES(void, transpose_block_##SUFFIX,                                               \
+                      (const T* w, int64_t in, int64_t o0, int64_t width, Acc* wtb),                \
+                      (w, in, o0, width, wtb), (transpose_block_body<T, Acc>))
+LORA_EXT_TRANSPOSE_CLONES(float, float, f32)
+LORA_EXT_TRANSPOSE_CLONES(double, double, f64)
+LORA_EXT_TRANSPOSE_CLONES(c10::BFloat16, float, bf16)
+LORA_EXT_TRANSPOSE_CLONES(c10::Half, float, f16)
+#undef LORA_EXT_TRANSPOSE_CLONES
+
+template <typename T, typename Acc>
+void transpose_block(const T* w, int64_t in, int64_t o0, int64_t width, Acc* wtb) {
+  if constexpr (std::is_same<T, float>::value && std::is_same<Acc, float>::value) {
+    transpose_block_f32(w, in, o0, width, wtb);
+  } else if constexpr (std::is_same<T, double>::value && std::is_same<Acc, double>::value) {
+    transpose_block_f64(w, in, o0, width, wtb);
+  } else if constexpr (std::is_same<T, c10::BFloat16>::value && std::is_same<Acc, float>::value) {
+    transpose_block_bf16(w, in, o0, width, wtb);
+  } else if constexpr (std::is_same<T, c10::Half>::value && std::is_same<Acc, float>::value) {
+    transpose_block_f16(w, in, o0, width, wtb);
+  } else {
+    transpose_block_scalar(w, in, o0, 0, width, 0, wtb);  // W and accumulators of unusual dtypes
   }
 }
 
