@@ -12,7 +12,7 @@
 
 #include "../core/dora.h"
 #include "isa.h"
-#include "lora_linear.h"  // dropout_multipliers
+#include "lora_linear.h"  // dropout_dropped_indices
 
 namespace lora_ext {
 namespace cpu {
@@ -288,10 +288,19 @@ LORA_EXT_FORCE_INLINE void transpose_stage(F16x (&v)[16]) {
 
 template <typename T>
 LORA_EXT_FORCE_INLINE F16x load_as_float(const T* p) {
-  float tmp[16];
-  for (int l = 0; l < 16; ++l) tmp[l] = static_cast<float>(p[l]);
   F16x v;
-  std::memcpy(&v, tmp, sizeof(v));
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {  // exact widening: the bits, shifted
+    typedef uint16_t U16x __attribute__((vector_size(32)));
+    typedef uint32_t U32x __attribute__((vector_size(64)));
+    U16x raw;
+    std::memcpy(&raw, p, sizeof(raw));
+    const U32x wide = __builtin_convertvector(raw, U32x) << 16;
+    std::memcpy(&v, &wide, sizeof(v));
+  } else {
+    float tmp[16];
+    for (int l = 0; l < 16; ++l) tmp[l] = static_cast<float>(p[l]);
+    std::memcpy(&v, tmp, sizeof(v));
+  }
   return v;
 }
 
@@ -349,16 +358,14 @@ DroppedElements::DroppedElements(int64_t rows, int64_t in, const core::DropoutPa
   constexpr int64_t kChunk = 16;
   const int64_t chunks = (rows + kChunk - 1) / kChunk;
   std::vector<std::vector<int32_t>> lists(static_cast<size_t>(chunks));
+  const double p = static_cast<double>(params.threshold) / 4294967296.0;  // the expected share
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> m(static_cast<size_t>(in));
     for (int64_t c = c0; c < c1; ++c) {
       std::vector<int32_t>& list = lists[c];
+      list.reserve(static_cast<size_t>(static_cast<double>(kChunk * in) * (p * 1.25 + 0.01)));
       for (int64_t t = c * kChunk; t < std::min(rows, (c + 1) * kChunk); ++t) {
-        dropout_multipliers(m.data(), t * in, in, params);
         const size_t before = list.size();
-        for (int64_t k = 0; k < in; ++k) {
-          if (m[k] == 0.0f) list.push_back(static_cast<int32_t>(k));
-        }
+        dropout_dropped_indices(t * in, in, params, t * in, list);
         start_[t + 1] = static_cast<int64_t>(list.size() - before);  // a count until the scan
       }
     }

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "../core/philox_avx2.h"
 #include "isa.h"
@@ -58,16 +59,37 @@ struct GroupMultipliers {
   }
 };
 
+// The keep bits of the kDropoutBatch groups of chunk `chunk`, by the widest Philox this CPU runs.
+LORA_EXT_FORCE_INLINE void chunk_keep_bits(const core::DropoutParams& params, int64_t chunk, unsigned* keep) {
+  const uint64_t first_group = static_cast<uint64_t>(chunk) * core::kDropoutBatch;
+#ifdef LORA_EXT_HAVE_AVX2_PHILOX
+  if (cpu_isa() >= Isa::kAvx512) {
+    for (int j = 0; j < core::kDropoutBatch; j += 16) {
+      core::dropout_keep_bits_x16_avx512(params.seed, params.offset, params.threshold,
+                                         first_group + j, keep + j);
+    }
+    return;
+  }
+  if (cpu_isa() >= Isa::kAvx2) {
+    for (int j = 0; j < core::kDropoutBatch; j += 8) {
+      core::dropout_keep_bits_x8_avx2(params.seed, params.offset, params.threshold,
+                                      first_group + j, keep + j);
+    }
+    return;
+  }
+#endif
+  core::dropout_keep_bits_batch(params.seed, params.offset, params.threshold, first_group, keep);
+}
+
 // Multipliers m[e] = keep ? scale : 0 for the elements of chunk `chunk`.
 template <typename Acc>
 LORA_EXT_FORCE_INLINE void chunk_multipliers(const core::DropoutParams& params, int64_t chunk,
                                              const GroupMultipliers<Acc>& groups, Acc* m) {
-  unsigned keep[core::kDropoutBatch];
-  const uint64_t first_group = static_cast<uint64_t>(chunk) * core::kDropoutBatch;
 #ifdef LORA_EXT_HAVE_AVX2_PHILOX
   static_assert(core::kDropoutBatch % 16 == 0, "the AVX-512 Philox makes 16 groups a call");
   if constexpr (std::is_same_v<Acc, float>) {
     if (cpu_isa() >= Isa::kAvx512) {  // straight to multipliers, in registers
+      const uint64_t first_group = static_cast<uint64_t>(chunk) * core::kDropoutBatch;
       for (int j = 0; j < core::kDropoutBatch; j += 16) {
         core::dropout_multipliers_x64_avx512(params.seed, params.offset, params.threshold,
                                              first_group + j, groups.scale, m + 4 * j);
@@ -75,23 +97,9 @@ LORA_EXT_FORCE_INLINE void chunk_multipliers(const core::DropoutParams& params, 
       return;
     }
   }
-  if (cpu_isa() >= Isa::kAvx512) {
-    for (int j = 0; j < core::kDropoutBatch; j += 16) {
-      core::dropout_keep_bits_x16_avx512(params.seed, params.offset, params.threshold,
-                                         first_group + j, keep + j);
-    }
-  } else if (cpu_isa() >= Isa::kAvx2) {
-    for (int j = 0; j < core::kDropoutBatch; j += 8) {
-      core::dropout_keep_bits_x8_avx2(params.seed, params.offset, params.threshold,
-                                      first_group + j, keep + j);
-    }
-  } else {
-    core::dropout_keep_bits_batch(params.seed, params.offset, params.threshold, first_group,
-                                  keep);
-  }
-#else
-  core::dropout_keep_bits_batch(params.seed, params.offset, params.threshold, first_group, keep);
 #endif
+  unsigned keep[core::kDropoutBatch];
+  chunk_keep_bits(params, chunk, keep);
   for (int j = 0; j < core::kDropoutBatch; ++j) std::memcpy(m + 4 * j, groups.m[keep[j]], sizeof(groups.m[0]));
 }
 
@@ -177,6 +185,31 @@ LORA_EXT_ISA_CLONES(void, multipliers_f64,
                     (double* m, int64_t first, int64_t count, const core::DropoutParams& params),
                     (m, first, count, params), multipliers_body<double>)
 
+// The dropped elements of [first, first + count) from the keep bits, a chunk's 64 as one word
+// whose set bits are walked: no per-element scan of multipliers.
+LORA_EXT_FORCE_INLINE void dropped_indices_body(int64_t first, int64_t count, const core::DropoutParams& params,
+                                                int64_t base, std::vector<int32_t>* out) {
+  static_assert(kChunk == 64, "one 64-bit word per chunk");
+  unsigned keep[core::kDropoutBatch];
+  const int64_t last = first + count;
+  for (int64_t chunk = first / kChunk; chunk * kChunk < last; ++chunk) {
+    chunk_keep_bits(params, chunk, keep);
+    uint64_t dropped = 0;
+    for (int j = 0; j < core::kDropoutBatch; ++j) dropped |= static_cast<uint64_t>(~keep[j] & 15u) << (4 * j);
+    const int64_t begin = chunk * kChunk;
+    if (first > begin) dropped &= ~uint64_t{0} << (first - begin);
+    if (last - begin < kChunk) dropped &= (uint64_t{1} << (last - begin)) - 1;
+    while (dropped != 0) {
+      out->push_back(static_cast<int32_t>(begin + __builtin_ctzll(dropped) - base));
+      dropped &= dropped - 1;
+    }
+  }
+}
+LORA_EXT_ISA_CLONES(void, dropped_indices,
+                    (int64_t first, int64_t count, const core::DropoutParams& params, int64_t base,
+                     std::vector<int32_t>* out),
+                    (first, count, params, base, out), dropped_indices_body)
+
 template <typename T>
 T* data_or_null(const at::Tensor& tensor) {
   return tensor.defined() ? tensor.data_ptr<T>() : nullptr;
@@ -215,6 +248,11 @@ void dropout_multipliers(float* m, int64_t first, int64_t count, const core::Dro
 
 void dropout_multipliers(double* m, int64_t first, int64_t count, const core::DropoutParams& params) {
   multipliers_f64(m, first, count, params);
+}
+
+void dropout_dropped_indices(int64_t first, int64_t count, const core::DropoutParams& params, int64_t base,
+                             std::vector<int32_t>& out) {
+  dropped_indices(first, count, params, base, &out);
 }
 
 }  // namespace cpu

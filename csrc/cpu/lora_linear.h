@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <vector>
+
 #include "../core/dropout.h"
 
 namespace lora_ext {
@@ -20,6 +22,11 @@ void dropout_mask(at::Tensor& mask, const core::DropoutParams& params);
 // flat element indices (a tile of rows need not start on a Philox group).
 void dropout_multipliers(float* m, int64_t first, int64_t count, const core::DropoutParams& params);
 void dropout_multipliers(double* m, int64_t first, int64_t count, const core::DropoutParams& params);
+
+// Appends k - base to `out` for every dropped element k of the flat range [first, first + count),
+// in ascending order.
+void dropout_dropped_indices(int64_t first, int64_t count, const core::DropoutParams& params, int64_t base,
+                             std::vector<int32_t>& out);
 
 }  // namespace cpu
 }  // namespace lora_ext
