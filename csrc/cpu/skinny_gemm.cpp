@@ -25,6 +25,9 @@
 #pragma clang fp contract(fast)
 #endif
 
+// The loops over a block's registers must unroll fully, or the accumulators live on the stack.
+#define LORA_EXT_UNROLL _Pragma("GCC unroll 16")
+
 namespace lora_ext {
 namespace cpu {
 namespace {
@@ -33,11 +36,13 @@ template <Isa L>
 constexpr int kVecBytes = L == Isa::kAvx512 ? 64 : (L == Isa::kAvx2 ? 32 : 16);
 
 // Accumulator registers a block may hold: half of AVX-512's 32, half of the 16 of AVX2 and
-// SSE, leaving room for the streamed vectors and broadcasts.
+// SSE, leaving room for the streamed vectors and broadcasts. Blocks of AVX2 and SSE are at
+// most 2 vectors wide: 4 rows of 2 ran at twice the speed of 2 rows of 4 (measured at r = 64).
 template <Isa L>
 constexpr int kAccRegs = L == Isa::kAvx512 ? 16 : 8;
-constexpr int kMaxCols = 4;  // NC: vectors per row of a block
-constexpr int kMaxRows = 8;  // RB: rows (or ranks) of a block
+template <Isa L>
+constexpr int kMaxCols = L == Isa::kAvx512 ? 4 : 2;  // NC: vectors per row of a block
+constexpr int kMaxRows = 8;                          // RB: rows (or ranks) of a block
 
 // The rows of a block of nc vectors: a power of two (the tails are taken by halves).
 template <Isa L>
@@ -45,6 +50,24 @@ constexpr int block_rows(int nc) {
   int rows = kMaxRows;
   while (rows > 1 && rows * nc > kAccRegs<L>) rows /= 2;
   return rows;
+}
+
+// Calls block(c0, std::integral_constant<int, NC>()) for the blocks of up to kMaxCols<L>
+// vectors that cover `regs` vectors, c0 being a block's first vector.
+template <Isa L, typename Block>
+LORA_EXT_FORCE_INLINE void column_blocks(int64_t regs, const Block& block) {
+  for (int64_t c0 = 0; c0 < regs; c0 += kMaxCols<L>) {
+    const int64_t nc = std::min<int64_t>(kMaxCols<L>, regs - c0);
+    if constexpr (kMaxCols<L> == 2) {
+      if (nc == 2) block(c0, std::integral_constant<int, 2>());
+      else block(c0, std::integral_constant<int, 1>());
+    } else {
+      if (nc == 4) block(c0, std::integral_constant<int, 4>());
+      else if (nc == 3) block(c0, std::integral_constant<int, 3>());
+      else if (nc == 2) block(c0, std::integral_constant<int, 2>());
+      else block(c0, std::integral_constant<int, 1>());
+    }
+  }
 }
 
 template <typename Acc, Isa L>
@@ -80,17 +103,24 @@ LORA_EXT_FORCE_INLINE void rows_block(const Acc* d, int64_t ldd, const Acc* p, i
                                       int64_t kn, Acc* acc, int64_t ldacc) {
   using V = Vec<Acc, L>;
   typename V::type sum[RB][NC], w[NC];
+  LORA_EXT_UNROLL
   for (int b = 0; b < RB; ++b) {
+    LORA_EXT_UNROLL
     for (int c = 0; c < NC; ++c) V::load(sum[b][c], acc + b * ldacc + c * V::kLanes);
   }
   for (int64_t k = 0; k < kn; ++k) {
+    LORA_EXT_UNROLL
     for (int c = 0; c < NC; ++c) V::load(w[c], p + k * ldp + c * V::kLanes);
+    LORA_EXT_UNROLL
     for (int b = 0; b < RB; ++b) {
       const Acc s = d[b * ldd + k];
+      LORA_EXT_UNROLL
       for (int c = 0; c < NC; ++c) sum[b][c] += s * w[c];
     }
   }
+  LORA_EXT_UNROLL
   for (int b = 0; b < RB; ++b) {
+    LORA_EXT_UNROLL
     for (int c = 0; c < NC; ++c) V::store(acc + b * ldacc + c * V::kLanes, sum[b][c]);
   }
 }
@@ -139,16 +169,10 @@ LORA_EXT_FORCE_INLINE void rows_by_rank_body(const T* x, int64_t ldx, const acc_
                    d + b * kBlockK, kn, kn);
         }
       }
-      for (int64_t c0 = 0; c0 < regs; c0 += kMaxCols) {
-        const Acc* pc = p + k0 * ldp + c0 * lanes;
-        Acc* ac = acc.data() + c0 * lanes;
-        switch (std::min<int64_t>(kMaxCols, regs - c0)) {
-          case 1: rows_blocks<L, Acc, 1, block_rows<L>(1)>(dp, ldd, n, pc, ldp, kn, ac, ldacc); break;
-          case 2: rows_blocks<L, Acc, 2, block_rows<L>(2)>(dp, ldd, n, pc, ldp, kn, ac, ldacc); break;
-          case 3: rows_blocks<L, Acc, 3, block_rows<L>(3)>(dp, ldd, n, pc, ldp, kn, ac, ldacc); break;
-          default: rows_blocks<L, Acc, 4, block_rows<L>(4)>(dp, ldd, n, pc, ldp, kn, ac, ldacc); break;
-        }
-      }
+      column_blocks<L>(regs, [&](int64_t c0, auto nc) {
+        rows_blocks<L, Acc, nc, block_rows<L>(nc)>(dp, ldd, n, p + k0 * ldp + c0 * lanes, ldp, kn,
+                                                   acc.data() + c0 * lanes, ldacc);
+      });
     }
     for (int64_t b = 0; b < n; ++b) {
       for (int64_t j = 0; j < r; ++j) y[(t0 + b) * ldy + j] = scale * acc[b * ldacc + j];
@@ -164,17 +188,24 @@ LORA_EXT_FORCE_INLINE void ranks_block(const Acc* z, int64_t ldz, const Acc* d, 
                                        int64_t n, Acc* g, int64_t ldg) {
   using V = Vec<Acc, L>;
   typename V::type sum[RB][NC], w[NC];
+  LORA_EXT_UNROLL
   for (int j = 0; j < RB; ++j) {
+    LORA_EXT_UNROLL
     for (int c = 0; c < NC; ++c) V::load(sum[j][c], g + j * ldg + c * V::kLanes);
   }
   for (int64_t t = 0; t < n; ++t) {
+    LORA_EXT_UNROLL
     for (int c = 0; c < NC; ++c) V::load(w[c], d + t * ldd + c * V::kLanes);
+    LORA_EXT_UNROLL
     for (int j = 0; j < RB; ++j) {
       const Acc s = z[t * ldz + j];
+      LORA_EXT_UNROLL
       for (int c = 0; c < NC; ++c) sum[j][c] += s * w[c];
     }
   }
+  LORA_EXT_UNROLL
   for (int j = 0; j < RB; ++j) {
+    LORA_EXT_UNROLL
     for (int c = 0; c < NC; ++c) V::store(g + j * ldg + c * V::kLanes, sum[j][c]);
   }
 }
@@ -209,16 +240,10 @@ LORA_EXT_FORCE_INLINE void rank_by_cols_body(const acc_of<T>* z, int64_t ldz, co
                  d + t * kBlockK, kn, regs * lanes);
       }
       const Acc* zt = z + t0 * ldz;
-      for (int64_t c0 = 0; c0 < regs; c0 += kMaxCols) {
-        const Acc* dc = d + c0 * lanes;
-        Acc* gc = g + k0 + c0 * lanes;
-        switch (std::min<int64_t>(kMaxCols, regs - c0)) {
-          case 1: ranks_blocks<L, Acc, 1, block_rows<L>(1)>(zt, ldz, r, dc, kBlockK, n, gc, ldg); break;
-          case 2: ranks_blocks<L, Acc, 2, block_rows<L>(2)>(zt, ldz, r, dc, kBlockK, n, gc, ldg); break;
-          case 3: ranks_blocks<L, Acc, 3, block_rows<L>(3)>(zt, ldz, r, dc, kBlockK, n, gc, ldg); break;
-          default: ranks_blocks<L, Acc, 4, block_rows<L>(4)>(zt, ldz, r, dc, kBlockK, n, gc, ldg); break;
-        }
-      }
+      column_blocks<L>(regs, [&](int64_t c0, auto nc) {
+        ranks_blocks<L, Acc, nc, block_rows<L>(nc)>(zt, ldz, r, d + c0 * lanes, kBlockK, n,
+                                                    g + k0 + c0 * lanes, ldg);
+      });
     }
   }
 }
@@ -256,29 +281,44 @@ LORA_EXT_FORCE_INLINE void cols_block(const Acc* z, int64_t ldz, int64_t r, cons
                                       int64_t lda, const Acc* m, int64_t ldm, Out* out,
                                       int64_t ldo, int64_t valid) {
   using V = Vec<Acc, L>;
-  typename V::type sum[RB][NC] = {}, w[NC];
+  typename V::type sum[RB][NC], w[NC];
+  LORA_EXT_UNROLL
+  for (int b = 0; b < RB; ++b) {
+    LORA_EXT_UNROLL
+    for (int c = 0; c < NC; ++c) sum[b][c] = typename V::type{};
+  }
   for (int64_t j = 0; j < r; ++j) {
+    LORA_EXT_UNROLL
     for (int c = 0; c < NC; ++c) V::load(w[c], a + j * lda + c * V::kLanes);
+    LORA_EXT_UNROLL
     for (int b = 0; b < RB; ++b) {
       const Acc s = z[b * ldz + j];
+      LORA_EXT_UNROLL
       for (int c = 0; c < NC; ++c) sum[b][c] += s * w[c];
     }
+  }
+  // Through memory for the epilogue: its branches on `valid` kept the accumulators of the
+  // loop above on the stack when they read them directly.
+  alignas(64) Acc done[RB][NC * V::kLanes];
+  LORA_EXT_UNROLL
+  for (int b = 0; b < RB; ++b) {
+    LORA_EXT_UNROLL
+    for (int c = 0; c < NC; ++c) V::store(done[b] + c * V::kLanes, sum[b][c]);
   }
   for (int b = 0; b < RB; ++b) {
     for (int c = 0; c < NC; ++c) {
       const int64_t k = c * V::kLanes;
       if (k + V::kLanes <= valid) {
+        typename V::type v, mv;
+        V::load(v, done[b] + k);
         if (m != nullptr) {
-          typename V::type mv;
           V::load(mv, m + b * ldm + k);
-          sum[b][c] *= mv;
+          v *= mv;
         }
-        store_vec<L>(out + b * ldo + k, sum[b][c]);
+        store_vec<L>(out + b * ldo + k, v);
       } else {
-        Acc lanes[V::kLanes];
-        V::store(lanes, sum[b][c]);
         for (int64_t i = 0; k + i < valid; ++i) {
-          const Acc v = m != nullptr ? lanes[i] * m[b * ldm + k + i] : lanes[i];
+          const Acc v = m != nullptr ? done[b][k + i] * m[b * ldm + k + i] : done[b][k + i];
           out[b * ldo + k + i] = from_acc(v, out);
         }
       }
@@ -314,18 +354,13 @@ LORA_EXT_FORCE_INLINE void rank_to_cols_body(const acc_of<Out>* z, int64_t ldz,
   constexpr int64_t lanes = Vec<Acc, L>::kLanes;
   const int64_t regs = (K + lanes - 1) / lanes;
   // Column blocks outside: a block's columns of a (r x NC vectors) stay in L1 for every row.
-  for (int64_t c0 = 0; c0 < regs; c0 += kMaxCols) {
+  column_blocks<L>(regs, [&](int64_t c0, auto nc) {
     const int64_t k0 = c0 * lanes;
-    const Acc* ac = a + k0;
-    const Acc* mc = m == nullptr ? nullptr : m + k0;
-    Out* oc = out + k0;
-    switch (std::min<int64_t>(kMaxCols, regs - c0)) {
-      case 1: cols_blocks<L, Acc, Out, 1, block_rows<L>(1)>(z, ldz, rows, r, ac, lda, mc, ldm, oc, ldo, K - k0); break;
-      case 2: cols_blocks<L, Acc, Out, 2, block_rows<L>(2)>(z, ldz, rows, r, ac, lda, mc, ldm, oc, ldo, K - k0); break;
-      case 3: cols_blocks<L, Acc, Out, 3, block_rows<L>(3)>(z, ldz, rows, r, ac, lda, mc, ldm, oc, ldo, K - k0); break;
-      default: cols_blocks<L, Acc, Out, 4, block_rows<L>(4)>(z, ldz, rows, r, ac, lda, mc, ldm, oc, ldo, K - k0); break;
-    }
-  }
+    cols_blocks<L, Acc, Out, nc, block_rows<L>(nc)>(z, ldz, rows, r, a + k0, lda,
+                                                    m == nullptr ? nullptr : m + k0, ldm,
+                                                    out + k0, ldo, K - k0);
+  });
+
 }
 
 }  // namespace
