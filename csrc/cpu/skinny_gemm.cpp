@@ -8,6 +8,9 @@
 // The vectors are GCC's generic vector extension at the level's register width, so one body
 // gives every level its own registers (isa.h); the block sizes keep the accumulators within
 // the level's register file.
+// Every level gives the same bits: each output element is summed in the same order whatever
+// the vector width, and the build does not contract a·b + c into an FMA (the portable level
+// has none). Contraction was measured not to pay here: the kernels are bound by loads.
 #include "skinny_gemm.h"
 
 #include <algorithm>
@@ -15,15 +18,6 @@
 #include <vector>
 
 #include "../core/dropout.h"  // LORA_EXT_FORCE_INLINE
-
-// Contract a·b + c into one FMA where the level has it. The extension's build turns
-// contraction off for the NF4 kernels' sake (they must round as bitsandbytes does); these
-// kernels only accumulate, and an FMA rounds once instead of twice.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("fp-contract=fast")
-#elif defined(__clang__)
-#pragma clang fp contract(fast)
-#endif
 
 // The loops over a block's registers must unroll fully, or the accumulators live on the stack.
 #define LORA_EXT_UNROLL _Pragma("GCC unroll 16")

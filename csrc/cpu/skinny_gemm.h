@@ -3,7 +3,7 @@
 // on tiles of rows in parallel. Each is compiled per instruction set (AVX-512, AVX2, portable)
 // and picked at run time (isa.h). Storage may be fp32, fp64, bf16 or fp16; the arithmetic is
 // in fp32 (fp64 for double storage), and half-precision inputs are converted as they are
-// loaded. Torch-free, so the native tests build them.
+// loaded. Every level gives the same bits. Torch-free, so the native tests build them.
 //
 // Operands named "packed" are row-major with a leading dimension of at least
 // padded_cols<Acc>(columns) and zeros in the padding columns: the kernels then run whole

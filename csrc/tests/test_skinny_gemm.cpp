@@ -243,6 +243,40 @@ void test_out_type(Isa level, std::mt19937& rng) {
   test_rank_to_cols<Out>(level, 9, 7, 16, true, rng);  // fewer features than one vector
 }
 
+// Every level gives the same bits (same summation order, no contraction), for one storage
+// type of each kernel's with a mask, at a rank with a vector tail.
+static void test_levels_agree() {
+  const int64_t rows = 37, K = 301, r = 17;
+  std::mt19937 rng(99);
+  const std::vector<double> x = values(rows * K, rng), m = multipliers(rows * K, rng);
+  const std::vector<double> p = values(K * r, rng), z = values(rows * r, rng);
+  const std::vector<Bf16> xs = store_all<Bf16>(x);
+  const std::vector<float> ms = to_acc<float>(m), zs = to_acc<float>(z);
+  const std::vector<float> ps = packed<float>(p, K, r), as = packed<float>(p, r, K);
+  std::vector<float> first_y, first_g;
+  std::vector<Bf16> first_out;
+  const Isa levels[] = {Isa::kDefault, Isa::kAvx2, Isa::kAvx512};
+  for (Isa level : levels) {
+    if (level > lora_ext::cpu::cpu_best_isa()) break;
+    std::vector<float> y(rows * r), g(r * padded_cols<float>(K), 0.0f);
+    std::vector<Bf16> out(rows * K);
+    lora_ext::cpu::rows_by_rank(xs.data(), K, ms.data(), K, ps.data(), padded_cols<float>(r), rows,
+                                K, r, 0.5f, y.data(), r, level);
+    lora_ext::cpu::rank_by_cols(zs.data(), r, xs.data(), K, ms.data(), K, rows, K, r, g.data(),
+                                padded_cols<float>(K), level);
+    lora_ext::cpu::rank_to_cols(zs.data(), r, as.data(), padded_cols<float>(K), ms.data(), K, rows,
+                                K, r, out.data(), K, level);
+    if (level == Isa::kDefault) {
+      first_y = y, first_g = g, first_out = out;
+      continue;
+    }
+    const char* name = lora_ext::cpu::isa_name(level);
+    CHECK(std::memcmp(y.data(), first_y.data(), y.size() * sizeof(float)) == 0, "rows_by_rank at %s", name);
+    CHECK(std::memcmp(g.data(), first_g.data(), g.size() * sizeof(float)) == 0, "rank_by_cols at %s", name);
+    CHECK(std::memcmp(out.data(), first_out.data(), out.size() * sizeof(Bf16)) == 0, "rank_to_cols at %s", name);
+  }
+}
+
 // The element conversions: fp16 against its definition for every bit pattern, bf16 rounding
 // to nearest even, and NaN staying NaN.
 static void test_conversions() {
@@ -270,6 +304,7 @@ static void test_conversions() {
 
 int main() {
   test_conversions();
+  test_levels_agree();
   std::mt19937 rng(1234);
   const Isa levels[] = {Isa::kDefault, Isa::kAvx2, Isa::kAvx512};
   for (Isa level : levels) {
