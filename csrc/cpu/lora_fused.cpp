@@ -1,7 +1,7 @@
 // The fused LoRA linear on CPU. The low-rank work runs over tiles of rows, each taken through
 // all of its steps while it is in cache:
 //   forward:  D = x ⊙ m (the Philox multipliers m, 0 or 1/(1-p)) and z = D·Aᵀ per tile: x is
-//             read once and drop(x) exists only as an L2-sized tile;
+//             read once and drop(x) exists only as a few rows inside the shrink kernel;
 //   backward: per tile, grad_z = s·g·B and the partial grad_B += gᵀ·z from one read of grad_y,
 //             the regenerated D and the partial grad_A += grad_zᵀ·D from one read of x, and
 //             grad_x's low-rank term (grad_z·A) ⊙ m written in place.
@@ -69,8 +69,8 @@ Tensor packed(const Tensor& m) {
   return out;
 }
 
-// Per-thread partial sums [r, ld] of a weight gradient, added in slot order at the end (the
-// same sum for the same thread count, whichever thread ran which tile).
+// Per-thread partial sums [r, ld] of a weight gradient, added in a fixed order (by thread
+// slot) at the end.
 template <typename Acc>
 struct Partials {
   std::vector<std::vector<Acc>> slots;
