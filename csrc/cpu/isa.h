@@ -105,7 +105,27 @@ inline Isa cpu_isa() {
       default: return NAME##_default ARGS;                                 \
     }                                                                      \
   }
+
+// As LORA_EXT_ISA_CLONES, for a body templated on its level (the first template argument, any
+// others deduced from the arguments), so that it can size its vectors and register blocks to
+// the level's registers. Also defines NAME##_at(level), the clone of a given level (at most
+// cpu_best_isa(): the native tests run each clone this CPU can execute).
+#define LORA_EXT_ISA_LEVEL_CLONES(RET, NAME, PARAMS, ARGS, BODY)                        \
+  LORA_EXT_ISA_CLONE(avx512, RET, NAME, PARAMS, ARGS, BODY<::lora_ext::cpu::Isa::kAvx512>) \
+  LORA_EXT_ISA_CLONE(avx2, RET, NAME, PARAMS, ARGS, BODY<::lora_ext::cpu::Isa::kAvx2>)     \
+  LORA_EXT_ISA_CLONE(default, RET, NAME, PARAMS, ARGS, BODY<::lora_ext::cpu::Isa::kDefault>) \
+  RET(*NAME##_at(::lora_ext::cpu::Isa level)) PARAMS {                                    \
+    switch (level) {                                                                      \
+      case ::lora_ext::cpu::Isa::kAvx512: return &NAME##_avx512;                          \
+      case ::lora_ext::cpu::Isa::kAvx2: return &NAME##_avx2;                              \
+      default: return &NAME##_default;                                                   \
+    }                                                                                     \
+  }                                                                                       \
+  RET NAME PARAMS { return NAME##_at(::lora_ext::cpu::cpu_isa()) ARGS; }
 #else
 #define LORA_EXT_ISA_CLONES(RET, NAME, PARAMS, ARGS, BODY) \
   RET NAME PARAMS { return BODY ARGS; }
+#define LORA_EXT_ISA_LEVEL_CLONES(RET, NAME, PARAMS, ARGS, BODY)       \
+  RET NAME PARAMS { return BODY<::lora_ext::cpu::Isa::kDefault> ARGS; } \
+  RET(*NAME##_at(::lora_ext::cpu::Isa)) PARAMS { return &NAME; }
 #endif

@@ -1,12 +1,13 @@
 // The fused LoRA linear on CPU. The low-rank work runs over tiles of rows, each taken through
 // all of its steps while it is in cache:
 //   forward:  D = x ⊙ m (the Philox multipliers m, 0 or 1/(1-p)) and z = D·Aᵀ per tile: x is
-//             read once and drop(x) exists only as an L2-sized tile;
+//             read once and drop(x) exists only as a few rows inside the shrink kernel;
 //   backward: per tile, grad_z = s·g·B and the partial grad_B += gᵀ·z from one read of grad_y,
 //             the regenerated D and the partial grad_A += grad_zᵀ·D from one read of x, and
 //             grad_x's low-rank term (grad_z·A) ⊙ m written in place.
-// The skinny products use the BLAS on tiles (one thread each, OpenMP over tiles), accumulating
-// in fp32 (fp64 for double). The base GEMMs stay whole-tensor calls that accumulate onto the
+// The skinny products are our own micro-kernels (skinny_gemm.h: vectorised per instruction set,
+// one thread each, OpenMP over tiles), accumulating in fp32 (fp64 for double) straight from
+// the storage dtype. The base GEMMs stay whole-tensor calls that accumulate onto the
 // low-rank terms (beta = 1), so W is streamed as few times as the BLAS needs. Where the CPU
 // has no native bf16 (or fp16) arithmetic, the base GEMM runs in fp32 from the half-precision
 // storage: PyTorch's own bf16 GEMM is about 45x slower than fp32 there.
@@ -14,13 +15,14 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "isa.h"
 #include "lora_linear.h"
+#include "skinny_gemm.h"
 
 namespace lora_ext {
 namespace cpu {
@@ -36,58 +38,88 @@ at::ScalarType acc_type(at::ScalarType storage) {
   return storage == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The tile of rows [t0, t0 + n) of a contiguous 2-D tensor, in the accumulation dtype: the
-// tensor's own storage when the dtypes agree, else converted into `buffer`.
-Tensor tile_in(const Tensor& t, int64_t t0, int64_t n, Tensor& buffer) {
-  const Tensor rows = t.narrow(0, t0, n);
-  if (rows.scalar_type() == buffer.scalar_type()) return rows;
-  Tensor out = buffer.narrow(0, 0, n);
-  out.copy_(rows);
+// Calls f(T{}) with the kernels' element type for a dtype.
+template <typename F>
+void with_element_type(at::ScalarType type, const F& f) {
+  static_assert(sizeof(c10::BFloat16) == sizeof(Bf16) && sizeof(c10::Half) == sizeof(F16));
+  switch (type) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kBFloat16: return f(Bf16{});
+    case at::kHalf: return f(F16{});
+    default: TORCH_CHECK(false, "lora_ext fused linear: unsupported dtype ", type);
+  }
+}
+
+template <typename T>
+const T* elements(const Tensor& t) {
+  return static_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+T* mutable_elements(Tensor& t) {
+  return static_cast<T*>(t.mutable_data_ptr());
+}
+
+// The packed copy the kernels want of a [rows, cols] matrix (zeros beyond its columns).
+Tensor packed(const Tensor& m) {
+  const int64_t cols = m.size(1);
+  const int64_t ld = m.scalar_type() == at::kDouble ? padded_cols<double>(cols) : padded_cols<float>(cols);
+  Tensor out = at::zeros({m.size(0), ld}, m.options());
+  out.narrow(1, 0, cols).copy_(m);
   return out;
 }
 
-// The dropout multipliers of a tile of n rows whose first element has flat index `first`.
-Tensor tile_multipliers(int64_t first, int64_t n, const core::DropoutParams& params, Tensor& m_buf) {
-  Tensor m = m_buf.narrow(0, 0, n);
-  if (m.scalar_type() == at::kDouble) {
-    dropout_multipliers(m.data_ptr<double>(), first, m.numel(), params);
-  } else {
-    dropout_multipliers(m.data_ptr<float>(), first, m.numel(), params);
+// Per-thread partial sums [r, ld] of a weight gradient, added in a fixed order (by thread
+// slot) at the end.
+template <typename Acc>
+struct Partials {
+  std::vector<std::vector<Acc>> slots;
+  int64_t r, ld;
+  Partials(int64_t r_, int64_t cols) : slots(at::get_num_threads()), r(r_), ld(padded_cols<Acc>(cols)) {}
+  Acc* mine() {
+    std::vector<Acc>& slot = slots[at::get_thread_num()];
+    if (slot.empty()) slot.assign(static_cast<size_t>(r * ld), Acc(0));
+    return slot.data();
   }
-  return m;
-}
-
-struct Buffers {
-  Tensor x, m, d, g, lr;
-  Buffers(int64_t rows, int64_t in, int64_t out, const at::TensorOptions& acc) {
-    x = at::empty({rows, in}, acc);
-    m = at::empty({rows, in}, acc);
-    d = at::empty({rows, in}, acc);
-    g = at::empty({rows, out}, acc);
-    lr = at::empty({rows, in}, acc);
+  // The [r, cols] total.
+  Tensor total(int64_t cols, const at::TensorOptions& options) const {
+    Tensor sum = at::zeros({r, ld}, options);
+    Acc* out = mutable_elements<Acc>(sum);
+    for (const std::vector<Acc>& slot : slots) {
+      for (size_t i = 0; i < slot.size(); ++i) out[i] += slot[i];
+    }
+    return sum.narrow(1, 0, cols);
   }
 };
 
+// The dropout multipliers of the tile of rows [t0, t0 + n) of an [rows, in] tensor.
+template <typename Acc>
+const Acc* tile_multipliers(int64_t t0, int64_t n, int64_t in, const core::DropoutParams& params,
+                            std::vector<Acc>& buffer) {
+  buffer.resize(static_cast<size_t>(n * in));
+  dropout_multipliers(buffer.data(), t0 * in, n * in, params);
+  return buffer.data();
+}
+
 Tensor shrink_tiles(const Tensor& x2d, const Tensor& a_acc, double p, const core::DropoutParams& params) {
   const int64_t rows = x2d.size(0), in = x2d.size(1), r = a_acc.size(0);
-  const auto acc = x2d.options().dtype(a_acc.scalar_type());
-  Tensor z = at::empty({rows, r}, acc);
+  Tensor z = at::empty({rows, r}, x2d.options().dtype(a_acc.scalar_type()));
+  const Tensor at_packed = packed(a_acc.t());  // Aᵀ [in, r]
   const int64_t tr = tile_rows(in), tiles = (rows + tr - 1) / tr;
-  const at::ThreadLocalState caller;  // below autograd, as the op itself runs
-  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
-    const at::ThreadLocalStateGuard below_autograd(caller);
-    Buffers buf(std::min(tr, rows), in, 0, acc);
-    for (int64_t tile = b; tile < e; ++tile) {
-      const int64_t t0 = tile * tr, n = std::min(tr, rows - t0);
-      const Tensor x_acc = tile_in(x2d, t0, n, buf.x);
-      Tensor d = x_acc;
-      if (p > 0.0) {
-        d = buf.d.narrow(0, 0, n);
-        at::mul_out(d, x_acc, tile_multipliers(t0 * in, n, params, buf.m));
+  with_element_type(x2d.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = acc_of<T>;
+    const T* x = elements<T>(x2d);
+    const Acc* a = elements<Acc>(at_packed);
+    Acc* zp = mutable_elements<Acc>(z);
+    at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
+      std::vector<Acc> m_buf;
+      for (int64_t tile = b; tile < e; ++tile) {
+        const int64_t t0 = tile * tr, n = std::min(tr, rows - t0);
+        const Acc* m = p > 0.0 ? tile_multipliers(t0, n, in, params, m_buf) : nullptr;
+        rows_by_rank(x + t0 * in, in, m, in, a, at_packed.size(1), n, in, r, Acc(1), zp + t0 * r, r);
       }
-      Tensor z_tile = z.narrow(0, t0, n);
-      at::mm_out(z_tile, d, a_acc.t());
-    }
+    });
   });
   return z;
 }
@@ -120,30 +152,25 @@ Tensor fused_grad_a(const Tensor& grad_z, const Tensor& x2d_in, double dropout_p
   const int64_t rows = x2d.size(0), in = x2d.size(1), r = grad_z.size(1);
   const auto acc_opts = x2d.options().dtype(acc_type(x2d.scalar_type()));
   const Tensor gz = grad_z.to(acc_opts.dtype()).contiguous();
-  const int threads = at::get_num_threads();
-  std::vector<Tensor> parts(threads);
   const int64_t tr = tile_rows(in), tiles = (rows + tr - 1) / tr;
-  const at::ThreadLocalState caller;  // below autograd, as the op itself runs
-  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
-    const at::ThreadLocalStateGuard below_autograd(caller);
-    Buffers buf(std::min(tr, rows), in, 0, acc_opts);
-    Tensor& part = parts[at::get_thread_num()];
-    if (!part.defined()) part = at::zeros({r, in}, acc_opts);
-    for (int64_t tile = b; tile < e; ++tile) {
-      const int64_t t0 = tile * tr, n = std::min(tr, rows - t0);
-      Tensor d = tile_in(x2d, t0, n, buf.x);
-      if (dropout_p > 0.0) {
-        Tensor dropped = buf.d.narrow(0, 0, n);
-        at::mul_out(dropped, d, tile_multipliers(t0 * in, n, params, buf.m));
-        d = dropped;
+  Tensor grad_A;
+  with_element_type(x2d.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = acc_of<T>;
+    const T* x = elements<T>(x2d);
+    const Acc* z = elements<Acc>(gz);
+    Partials<Acc> parts(r, in);
+    at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
+      std::vector<Acc> m_buf;
+      Acc* part = parts.mine();
+      for (int64_t tile = b; tile < e; ++tile) {
+        const int64_t t0 = tile * tr, n = std::min(tr, rows - t0);
+        const Acc* m = dropout_p > 0.0 ? tile_multipliers(t0, n, in, params, m_buf) : nullptr;
+        rank_by_cols(z + t0 * r, r, x + t0 * in, in, m, in, n, in, r, part, parts.ld);
       }
-      part.addmm_(gz.narrow(0, t0, n).t(), d);
-    }
+    });
+    grad_A = parts.total(in, acc_opts).contiguous();
   });
-  Tensor grad_A = at::zeros({r, in}, acc_opts);
-  for (const Tensor& part : parts) {
-    if (part.defined()) grad_A.add_(part);
-  }
   return grad_A;
 }
 
@@ -170,61 +197,54 @@ std::tuple<Tensor, Tensor, Tensor> fused_backward(const Tensor& g2d_in, const Te
                                                   std::array<bool, 3> output_mask) {
   const bool need_x = output_mask[0], need_A = output_mask[1], need_B = output_mask[2];
   const Tensor g2d = g2d_in.contiguous(), x2d = x2d_in.contiguous();
-  const int64_t rows = x2d.size(0), in = x2d.size(1), out = g2d.size(1);
+  const int64_t rows = x2d.size(0), in = x2d.size(1), out = g2d.size(1), r = lora_A.size(0);
   const at::ScalarType storage = x2d.scalar_type(), acc = acc_type(storage), base = base_gemm_type(storage);
   const auto acc_opts = x2d.options().dtype(acc);
-  const Tensor a_acc = lora_A.to(acc), b_acc = lora_B.to(acc), z_acc = z.reshape({rows, lora_A.size(0)}).to(acc);
+  const Tensor a_packed = packed(lora_A.to(acc)), b_packed = packed(lora_B.to(acc));
+  const Tensor z_acc = z.reshape({rows, r}).to(acc).contiguous();
   // grad_x's low-rank term lands directly in the tensor the base GEMM accumulates onto.
   Tensor grad_x = need_x ? at::empty({rows, in}, x2d.options().dtype(base)) : Tensor();
-  const int threads = at::get_num_threads();
-  std::vector<Tensor> part_A(threads), part_B(threads);
+  Tensor grad_A = at::empty({0}, lora_A.options()), grad_B = at::empty({0}, lora_B.options());
   const int64_t tr = tile_rows(std::max(in, out)), tiles = (rows + tr - 1) / tr;
-  const at::ThreadLocalState caller;  // below autograd, as the op itself runs
-  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
-    const at::ThreadLocalStateGuard below_autograd(caller);
-    const int slot = at::get_thread_num();
-    Buffers buf(std::min(tr, rows), in, out, acc_opts);
-    Tensor& pA = part_A[slot];
-    Tensor& pB = part_B[slot];
-    if (need_A && !pA.defined()) pA = at::zeros({lora_A.size(0), in}, acc_opts);
-    if (need_B && !pB.defined()) pB = at::zeros({out, lora_A.size(0)}, acc_opts);
-    for (int64_t tile = b; tile < e; ++tile) {
-      const int64_t t0 = tile * tr, n = std::min(tr, rows - t0);
-      const Tensor g_acc = tile_in(g2d, t0, n, buf.g);
-      if (need_B) pB.addmm_(g_acc.t(), z_acc.narrow(0, t0, n));
-      if (!need_x && !need_A) continue;
-      const Tensor grad_z = at::mm(g_acc, b_acc).mul_(scaling);
-      const Tensor m = dropout_p > 0.0 ? tile_multipliers(t0 * in, n, params, buf.m) : Tensor();
-      Tensor d;
-      if (need_A) {
-        d = tile_in(x2d, t0, n, buf.x);
-        if (m.defined()) {
-          Tensor dropped = buf.d.narrow(0, 0, n);
-          at::mul_out(dropped, d, m);
-          d = dropped;
+  with_element_type(storage, [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = acc_of<T>;
+    const T* x = elements<T>(x2d);
+    const T* g = elements<T>(g2d);
+    const Acc* zp = elements<Acc>(z_acc);
+    Partials<Acc> part_A(need_A ? r : 0, in), part_B(need_B ? r : 0, out);  // grad_Bᵀ
+    at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
+      std::vector<Acc> m_buf, gz_buf(static_cast<size_t>(std::min(tr, rows) * r));
+      Acc* pA = need_A ? part_A.mine() : nullptr;
+      Acc* pB = need_B ? part_B.mine() : nullptr;
+      for (int64_t tile = b; tile < e; ++tile) {
+        const int64_t t0 = tile * tr, n = std::min(tr, rows - t0);
+        const T* g_tile = g + t0 * out;
+        if (need_B) rank_by_cols(zp + t0 * r, r, g_tile, out, nullptr, 0, n, out, r, pB, part_B.ld);
+        if (!need_x && !need_A) continue;
+        Acc* gz = gz_buf.data();  // grad_z = s·g·B
+        rows_by_rank(g_tile, out, nullptr, 0, elements<Acc>(b_packed), b_packed.size(1), n, out, r,
+                     static_cast<Acc>(scaling), gz, r);
+        const Acc* m = dropout_p > 0.0 ? tile_multipliers(t0, n, in, params, m_buf) : nullptr;
+        if (need_A) rank_by_cols(gz, r, x + t0 * in, in, m, in, n, in, r, pA, part_A.ld);
+        if (need_x) {
+          // grad_x is in the base GEMM's dtype: Acc, or bf16 where bf16 is native.
+          const Acc* a = elements<Acc>(a_packed);
+          if (grad_x.scalar_type() == at::kBFloat16) {
+            if constexpr (std::is_same_v<Acc, float>) {
+              rank_to_cols(gz, r, a, a_packed.size(1), m, in, n, in, r,
+                           mutable_elements<Bf16>(grad_x) + t0 * in, in);
+            }
+          } else {
+            rank_to_cols(gz, r, a, a_packed.size(1), m, in, n, in, r,
+                         mutable_elements<Acc>(grad_x) + t0 * in, in);
+          }
         }
       }
-      if (need_A) pA.addmm_(grad_z.t(), d);
-      if (need_x) {
-        // Straight into grad_x when it has the accumulation dtype, else through a tile.
-        Tensor rows_x = grad_x.narrow(0, t0, n);
-        Tensor lr = rows_x.scalar_type() == acc ? rows_x : buf.lr.narrow(0, 0, n);
-        at::mm_out(lr, grad_z, a_acc);
-        if (m.defined()) lr.mul_(m);
-        if (!lr.is_same(rows_x)) rows_x.copy_(lr);
-      }
-    }
+    });
+    if (need_A) grad_A = part_A.total(in, acc_opts).contiguous().to(lora_A.scalar_type());
+    if (need_B) grad_B = part_B.total(out, acc_opts).t().mul(scaling).contiguous().to(lora_B.scalar_type());
   });
-  auto total = [&](std::vector<Tensor>& parts, at::IntArrayRef shape) {
-    Tensor sum = at::zeros(shape, acc_opts);
-    for (const Tensor& part : parts) {
-      if (part.defined()) sum.add_(part);
-    }
-    return sum;
-  };
-  Tensor grad_A = need_A ? total(part_A, lora_A.sizes()).to(lora_A.scalar_type()) : at::empty({0}, lora_A.options());
-  Tensor grad_B = need_B ? total(part_B, lora_B.sizes()).mul_(scaling).to(lora_B.scalar_type())
-                         : at::empty({0}, lora_B.options());
   if (need_x) {
     grad_x.addmm_(g2d.to(base), weight.to(base));
     grad_x = grad_x.to(storage);
