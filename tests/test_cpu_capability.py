@@ -89,7 +89,7 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         if layout:
             W = lt.relayout(W, layout)
         out[f"norm {dtype} {layout}"] = td.assert_norm_ok(W, A, B, s)[0]
-inputs = td.DoraInputs((2, 9, 70), 45, 4, seed=3)
+inputs = td.DoraInputs((2, 9, 300), 130, 4, seed=3)  # full 64-column blocks, 16 x 16 transposes and tails
 td.assert_dora_matches_reference(inputs, dropout_p=0.1, seed=5, training=True)
 out["dora_linear"] = ops.dora_linear(*inputs.args(), 1.5, 0.1, 5, True).detach()
 # BGMV: shrink and both expand branches (groups of <= 2 rows and of more)
