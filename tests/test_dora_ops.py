@@ -549,8 +549,9 @@ def test_dora_cuda_sparse_setting_checked(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_dora_dropout_cpu_same_bits_for_any_thread_count(dtype):
     # The CPU correction splits rows and column blocks into tasks and adds partial sums in a
-    # fixed order: one thread and several give the same bits. Shapes past one task each way
-    # (1024 rows, 8 column blocks of 64).
+    # fixed order: one thread and several give the same y, grad_x and magnitude gradient.
+    # Shapes past one task each way (1024 rows, 8 column blocks of 64). (lora_A's and lora_B's
+    # gradients are LoRA's, summed per thread: not compared.)
     inputs = DoraInputs((1100, 70), 600, 5, dtype=dtype, bias=True)
     grad_y = random_like((1100, 600), dtype, "cpu")
     results = []
@@ -564,6 +565,5 @@ def test_dora_dropout_cpu_same_bits_for_any_thread_count(dtype):
         torch.set_num_threads(threads)
     (y1, g1), (y3, g3) = results
     assert torch.equal(y1, y3)
-    assert g1.keys() == g3.keys()
-    for name in g1:
+    for name in ("x", "magnitude"):
         assert torch.equal(g1[name], g3[name]), name
