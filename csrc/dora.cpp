@@ -256,18 +256,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
   Tensor grad_B = at::empty({0}, lora_B.options());
   Tensor grad_m = at::empty({0}, magnitude.options());
   if (need_m) {
-    grad_m = at::sum(g2d * hm, {0}, false, acc).div_(weight_norm.to(acc)).to(magnitude.scalar_type());
+    const Tensor dots = x.is_cuda() ? at::sum(g2d * hm, {0}, false, acc) : cpu::column_dots(g2d, hm);
+    grad_m = dots.div_(weight_norm.to(acc)).to(magnitude.scalar_type());
   }
   if (!need_x && !need_A && !need_B) return {grad_x, grad_A, grad_B, grad_m};
-  const Tensor gg = g2d * g;  // the gradient reaching the adapter path (and h when p = 0)
-  if (need_B) grad_B = at::mm(gg.t(), z).mul_(scaling);
+  // The gradient reaching the adapter path is gg = g ⊙ grad_y; g scales B's rows instead of
+  // grad_y (a [out] scaling of [out, r] factors, not a pass over [rows, out]).
+  if (need_B) grad_B = at::mm(g2d.t(), z).mul_(g.unsqueeze(1)).mul_(scaling);
   if (!need_x && !need_A) return {grad_x, grad_A, grad_B, grad_m};
-  const Tensor grad_z = at::mm(gg, lora_B).mul_(scaling);
+  const Tensor grad_z = at::mm(g2d, lora_B * g.unsqueeze(1)).mul_(scaling);
   const auto gemm = gemm_type(x);
   if (dropout_p == 0.0) {
     if (need_A) grad_A = at::mm(grad_z.t(), x2d);
     if (need_x) {
-      grad_x = at::mm(grad_z, lora_A).to(gemm).addmm_(gg.to(gemm), weight.to(gemm)).to(x.scalar_type());
+      grad_x = at::mm(grad_z, lora_A).to(gemm).addmm_((g2d * g).to(gemm), weight.to(gemm)).to(x.scalar_type());
     }
   } else if (sparse_correction(x, dropout_p)) {
     // grad_x = grad_y·W + (m/q) ⊙ (G1 + grad_z·A) with G1 = ((g - 1) ⊙ grad_y)·W. Since
@@ -282,7 +284,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
       grad_x = at::mm(grad_z / q, lora_A).to(gemm);
       cpu::zero_dropped(grad_x, dropped);
       grad_x.addmm_((g2d * ((g - 1) / q + 1)).to(gemm), weight.to(gemm));
-      cpu::subtract_dropped_dots(grad_x, (g2d * (g - 1)).to(acc), weight, 1.0 / q, dropped);
+      cpu::subtract_dropped_dots(grad_x, g2d.to(acc), g.to(acc) - 1, weight, 1.0 / q, dropped);
       grad_x = grad_x.to(x.scalar_type());
     } else if (need_x) {
 #ifdef LORA_EXT_WITH_CUDA
@@ -301,7 +303,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
       TORCH_CHECK(false, "lora_ext was built without CUDA kernels");
 #endif
     }
-    // grad_zᵀ·drop(x) is LoRA's grad_A for the gradient gg: no dropped copy of x.
+    // grad_zᵀ·drop(x) is LoRA's grad_A for the gradient g ⊙ grad_y: no dropped copy of x.
     if (need_A) grad_A = grad_a_dropout(grad_z, x2d, lora_A, dropout_p, params);
   } else {
     // grad_x = grad_y·W + mask ⊙ ((g - 1) ⊙ grad_y)·W + mask ⊙ grad_z·A, the mask regenerated.

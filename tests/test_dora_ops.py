@@ -567,3 +567,12 @@ def test_dora_dropout_cpu_same_bits_for_any_thread_count(dtype):
     assert torch.equal(y1, y3)
     for name in ("x", "magnitude"):
         assert torch.equal(g1[name], g3[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.05])
+def test_dora_magnitude_gradient_over_many_rows(dtype, dropout_p):
+    # The magnitude's gradient sums grad_y ⊙ hm over every row (CPU: in chunks of 128 rows, then
+    # the chunks): within the tolerance rule over thousands of rows too.
+    inputs = DoraInputs((4100, 24), 70, 4, dtype=dtype, bias=False)
+    assert_dora_matches_reference(inputs, dropout_p=dropout_p, seed=13)

@@ -98,17 +98,22 @@ LORA_EXT_FORCE_INLINE Acc horizontal_sum(const typename Vec64<Acc>::type& v) {
   return horizontal_sum_bytes<Acc, 64>(&v);
 }
 
-// partial[j] += gy[t, 0:width] · wt[k_j, 0:width] for the dropped elements j of rows [t0, t1)
-// (numbered from the chunk's first), wt and gy pointing at the block's first column.
+// partial[j] += (gy[t, 0:width] ⊙ scale[0:width]) · wt[k_j, 0:width] for the dropped elements j
+// of rows [t0, t1) (numbered from the chunk's first), gy, scale and wt at the block's first column.
 template <typename Acc>
 LORA_EXT_FORCE_INLINE void dots_rows_full_body(Acc* partial, const Acc* gy, int64_t ldg,
-                                               const Acc* wt, int64_t ldw,
+                                               const Acc* scale, const Acc* wt, int64_t ldw,
                                                const DroppedElements* d, int64_t t0, int64_t t1,
                                                int64_t /*width == kBlock*/) {
   using V = Vec64<Acc>;
+  typename V::type c[V::kPerBlock];
+  for (int64_t j = 0; j < V::kPerBlock; ++j) V::load(c[j], scale + j * V::kLanes);
   for (int64_t t = t0; t < t1; ++t) {
     typename V::type g[V::kPerBlock];
-    for (int64_t j = 0; j < V::kPerBlock; ++j) V::load(g[j], gy + t * ldg + j * V::kLanes);
+    for (int64_t j = 0; j < V::kPerBlock; ++j) {
+      V::load(g[j], gy + t * ldg + j * V::kLanes);
+      g[j] *= c[j];
+    }
     const int32_t* ks = d->row(t);
     for (int32_t i = 0; i < d->count(t); ++i) {
       const Acc* w = wt + ks[i] * ldw;
@@ -123,7 +128,7 @@ LORA_EXT_FORCE_INLINE void dots_rows_full_body(Acc* partial, const Acc* gy, int6
 }
 template <typename Acc>
 LORA_EXT_FORCE_INLINE void dots_rows_tail_body(Acc* partial, const Acc* gy, int64_t ldg,
-                                               const Acc* wt, int64_t ldw,
+                                               const Acc* scale, const Acc* wt, int64_t ldw,
                                                const DroppedElements* d, int64_t t0, int64_t t1,
                                                int64_t width) {
   for (int64_t t = t0; t < t1; ++t) {
@@ -131,7 +136,7 @@ LORA_EXT_FORCE_INLINE void dots_rows_tail_body(Acc* partial, const Acc* gy, int6
     for (int32_t i = 0; i < d->count(t); ++i) {
       const Acc* w = wt + ks[i] * ldw;
       Acc sum = 0;
-      for (int64_t o = 0; o < width; ++o) sum += gy[t * ldg + o] * w[o];
+      for (int64_t o = 0; o < width; ++o) sum += (gy[t * ldg + o] * scale[o]) * w[o];
       *partial++ += sum;
     }
   }
@@ -147,13 +152,15 @@ LORA_EXT_FORCE_INLINE void dots_rows_tail_body(Acc* partial, const Acc* gy, int6
                        const DroppedElements* d, int64_t t0, int64_t t1, int64_t width),           \
                       (s, lds, vals, wt, ldw, d, t0, t1, width), (product_rows_tail_body<Acc>))   \
   LORA_EXT_ISA_CLONES(void, dots_rows_full_##SUFFIX,                                               \
-                      (Acc * partial, const Acc* gy, int64_t ldg, const Acc* wt, int64_t ldw,       \
-                       const DroppedElements* d, int64_t t0, int64_t t1, int64_t width),           \
-                      (partial, gy, ldg, wt, ldw, d, t0, t1, width), (dots_rows_full_body<Acc>)) \
+                      (Acc * partial, const Acc* gy, int64_t ldg, const Acc* scale, const Acc* wt,  \
+                       int64_t ldw, const DroppedElements* d, int64_t t0, int64_t t1, int64_t width), \
+                      (partial, gy, ldg, scale, wt, ldw, d, t0, t1, width),                       \
+                      (dots_rows_full_body<Acc>))                                                   \
   LORA_EXT_ISA_CLONES(void, dots_rows_tail_##SUFFIX,                                               \
-                      (Acc * partial, const Acc* gy, int64_t ldg, const Acc* wt, int64_t ldw,       \
-                       const DroppedElements* d, int64_t t0, int64_t t1, int64_t width),           \
-                      (partial, gy, ldg, wt, ldw, d, t0, t1, width), (dots_rows_tail_body<Acc>))
+                      (Acc * partial, const Acc* gy, int64_t ldg, const Acc* scale, const Acc* wt,  \
+                       int64_t ldw, const DroppedElements* d, int64_t t0, int64_t t1, int64_t width), \
+                      (partial, gy, ldg, scale, wt, ldw, d, t0, t1, width),                       \
+                      (dots_rows_tail_body<Acc>))
 LORA_EXT_DORA_DROPOUT_CLONES(float, f32)
 LORA_EXT_DORA_DROPOUT_CLONES(double, f64)
 #undef LORA_EXT_DORA_DROPOUT_CLONES
@@ -168,14 +175,14 @@ void product_rows(double* s, int64_t lds, const double* vals, const double* wt, 
   (width == kBlock ? product_rows_full_f64 : product_rows_tail_f64)(s, lds, vals, wt, ldw, d, t0, t1,
                                                                     width);
 }
-void dots_rows(float* partial, const float* gy, int64_t ldg, const float* wt, int64_t ldw,
+void dots_rows(float* partial, const float* gy, int64_t ldg, const float* scale, const float* wt, int64_t ldw,
                const DroppedElements* d, int64_t t0, int64_t t1, int64_t width) {
-  (width == kBlock ? dots_rows_full_f32 : dots_rows_tail_f32)(partial, gy, ldg, wt, ldw, d, t0, t1,
+  (width == kBlock ? dots_rows_full_f32 : dots_rows_tail_f32)(partial, gy, ldg, scale, wt, ldw, d, t0, t1,
                                                               width);
 }
-void dots_rows(double* partial, const double* gy, int64_t ldg, const double* wt, int64_t ldw,
-               const DroppedElements* d, int64_t t0, int64_t t1, int64_t width) {
-  (width == kBlock ? dots_rows_full_f64 : dots_rows_tail_f64)(partial, gy, ldg, wt, ldw, d, t0, t1,
+void dots_rows(double* partial, const double* gy, int64_t ldg, const double* scale, const double* wt,
+               int64_t ldw, const DroppedElements* d, int64_t t0, int64_t t1, int64_t width) {
+  (width == kBlock ? dots_rows_full_f64 : dots_rows_tail_f64)(partial, gy, ldg, scale, wt, ldw, d, t0, t1,
                                                               width);
 }
 
@@ -456,12 +463,12 @@ at::Tensor dropout_corrected_outputs(const at::Tensor& x2d, const at::Tensor& we
   return hd;
 }
 
-void subtract_dropped_dots(at::Tensor& grad_x, const at::Tensor& gy, const at::Tensor& weight_in,
-                           double factor, const DroppedElements& dropped) {
+void subtract_dropped_dots(at::Tensor& grad_x, const at::Tensor& gy, const at::Tensor& column_scale,
+                           const at::Tensor& weight_in, double factor, const DroppedElements& dropped) {
   const at::Tensor weight = weight_in.contiguous();
   const int64_t rows = grad_x.size(0), in = grad_x.size(1), out = weight.size(0);
   if (rows == 0 || in == 0 || dropped.total() == 0) return;
-  const at::Tensor g = gy.contiguous();
+  const at::Tensor g = gy.contiguous(), c = column_scale.contiguous();
   const int64_t col_blocks = blocks_of(out, kBlock), row_chunks = blocks_of(rows, kTaskRows);
   const int64_t groups = std::max<int64_t>(1, blocks_of(col_blocks, kDotsBlocksPerTask));
   // partial[group][j]: the dot product of dropped element j over the columns of one group.
@@ -472,6 +479,7 @@ void subtract_dropped_dots(at::Tensor& grad_x, const at::Tensor& gy, const at::T
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "lora_ext_subtract_dropped_dots_acc", [&] {
       using Acc = scalar_t;
       const Acc* gp = g.const_data_ptr<Acc>();
+      const Acc* cp = c.const_data_ptr<Acc>();
       Acc* parts = partial.mutable_data_ptr<Acc>();
       at::parallel_for(0, groups * row_chunks, 1, [&](int64_t first, int64_t last) {
         std::vector<Acc> wtb(static_cast<size_t>(in * kBlock));
@@ -484,7 +492,7 @@ void subtract_dropped_dots(at::Tensor& grad_x, const at::Tensor& gy, const at::T
           for (int64_t block = group * kDotsBlocksPerTask; block < b1; ++block) {
             const int64_t o0 = block * kBlock, width = std::min(kBlock, out - o0);
             transpose_block(w, in, o0, width, wtb.data());
-            dots_rows(mine, gp + o0, out, wtb.data(), kBlock, &dropped, t0, t1, width);
+            dots_rows(mine, gp + o0, out, cp + o0, wtb.data(), kBlock, &dropped, t0, t1, width);
           }
         }
       });
@@ -506,6 +514,41 @@ void subtract_dropped_dots(at::Tensor& grad_x, const at::Tensor& gy, const at::T
       });
     });
   });
+}
+
+at::Tensor column_dots(const at::Tensor& a_in, const at::Tensor& b_in) {
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const int64_t rows = a.size(0), out = a.size(1);
+  const at::ScalarType acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor sums = at::empty({out}, a.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lora_ext_column_dots", [&] {
+    using T = scalar_t;
+    using Acc = std::conditional_t<std::is_same<T, double>::value, double, float>;
+    const T* ap = a.const_data_ptr<T>();
+    const T* bp = b.const_data_ptr<T>();
+    Acc* sp = sums.mutable_data_ptr<Acc>();
+    // A block of columns per task, its rows in order: the sums do not depend on the threads.
+    at::parallel_for(0, blocks_of(out, kBlock), 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t block = b0; block < b1; ++block) {
+        const int64_t o0 = block * kBlock, width = std::min(kBlock, out - o0);
+        // Two levels (chunks of 128 rows, then the chunks): the rounding error grows with about
+        // 128 + rows / 128 terms, not with rows, close to PyTorch's own cascade sum.
+        constexpr int64_t kRowsPerChunk = 128;
+        Acc s[kBlock] = {};
+        for (int64_t c0 = 0; c0 < rows; c0 += kRowsPerChunk) {
+          Acc chunk[kBlock] = {};
+          for (int64_t t = c0; t < std::min(rows, c0 + kRowsPerChunk); ++t) {
+            const T* ar = ap + t * out + o0;
+            const T* br = bp + t * out + o0;
+            for (int64_t o = 0; o < width; ++o) chunk[o] += static_cast<Acc>(ar[o]) * static_cast<Acc>(br[o]);
+          }
+          for (int64_t o = 0; o < width; ++o) s[o] += chunk[o];
+        }
+        std::copy(s, s + width, sp + o0);
+      }
+    });
+  });
+  return sums;
 }
 
 }  // namespace cpu

@@ -50,11 +50,15 @@ at::Tensor dropout_corrected_outputs(const at::Tensor& x2d, const at::Tensor& we
                                      const at::Tensor& g_minus_1, const at::Tensor& bias,
                                      double dropout_p, const DroppedElements& dropped);
 
-// In place, for every dropped (t, k): grad_x[t, k] -= factor · (gy[t] · W[:, k]), gy [rows, out]
-// in the accumulation dtype, grad_x [rows, in] of any floating dtype. The result does not
-// depend on the number of threads.
-void subtract_dropped_dots(at::Tensor& grad_x, const at::Tensor& gy, const at::Tensor& weight,
-                           double factor, const DroppedElements& dropped);
+// In place, for every dropped (t, k): grad_x[t, k] -= factor · ((gy[t] ⊙ column_scale) · W[:, k]),
+// gy [rows, out] and column_scale [out] in the accumulation dtype, grad_x [rows, in] of any
+// floating dtype. The result does not depend on the number of threads.
+void subtract_dropped_dots(at::Tensor& grad_x, const at::Tensor& gy, const at::Tensor& column_scale,
+                           const at::Tensor& weight, double factor, const DroppedElements& dropped);
+
+// Σ over rows of a ⊙ b, per column ([rows, out] each, one dtype), in the accumulation dtype,
+// without an [rows, out] product: the magnitude's gradient.
+at::Tensor column_dots(const at::Tensor& a, const at::Tensor& b);
 
 }  // namespace cpu
 }  // namespace lora_ext
