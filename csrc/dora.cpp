@@ -179,8 +179,7 @@ std::tuple<Tensor, Tensor, Tensor> dora_linear_forward(
     const Tensor z_acc = cpu::fused_shrink(x2d, lora_A, dropout_p, params);
     // x·Wᵀ in the GEMM's dtype, then y in place: the low-rank term, the correction and the bias
     // are added per block of columns, with no [rows, out] temporary.
-    Tensor y_g = at::mm(x2d.to(gemm), weight.to(gemm).t());
-    if (y_g.scalar_type() != acc && y_g.scalar_type() != at::kBFloat16) y_g = y_g.to(acc);
+    Tensor y_g = at::mm(x2d.to(gemm), weight.to(gemm).t());  // the GEMM dtype: acc, or native bf16
     const Tensor hd = cpu::dropout_corrected_outputs(
         x2d, weight, y_g, z_acc, scaled_B_t.to(acc), g.to(acc) - 1, has_bias ? *bias : Tensor(), dropout_p,
         cpu::DroppedElements(x2d.size(0), in, params));
